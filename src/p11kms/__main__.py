@@ -1,0 +1,5 @@
+import sys
+
+from p11kms.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""Loading a PKCS#11 module and calling it safely from many threads.
+
+Why not python-pkcs11 or PyKCS11: python-pkcs11 calls C_Initialize(NULL), which
+tells SoftHSM that the application is single-threaded, so SoftHSM drops its
+internal locks and concurrent calls corrupt it; PyKCS11 holds the GIL during
+every call, so a network HSM that answers in milliseconds would serialise the
+whole plugin. This binding uses ctypes (which releases the GIL during foreign
+calls) and initialises the module with CKF_OS_LOCKING_OK, so the module itself
+guards its state. Modules that cannot lock (CKR_CANT_LOCK) are initialised
+single-threaded and every call is then serialised by a process-wide lock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from p11kms.hsm import ckdefs as ck
+from p11kms.hsm.errors import HsmError, ModuleLoadError, TokenNotFound, error_for
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    slot: int
+    label: str
+    serial: str
+    manufacturer: str
+    model: str
+    flags: int
+
+
+def _text(field: Any) -> str:
+    return bytes(field).decode("utf-8", errors="replace").rstrip(" \x00")
+
+
+class Pkcs11Module:
+    """One PKCS#11 library, initialised once for this process."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._lib = ctypes.CDLL(path)
+            get_function_list = self._lib.C_GetFunctionList
+        except (OSError, AttributeError) as exc:
+            raise ModuleLoadError(
+                f"cannot load PKCS#11 module {path!r}: {exc}; check PKCS11_Module in the config "
+                "and that the vendor library and its dependencies are installed"
+            ) from exc
+        get_function_list.restype = ck.CK_RV
+        get_function_list.argtypes = [ctypes.POINTER(ctypes.POINTER(ck.CK_FUNCTION_LIST))]
+        table = ctypes.POINTER(ck.CK_FUNCTION_LIST)()
+        rv = get_function_list(ctypes.byref(table))
+        if rv != ck.CKR_OK:
+            raise ModuleLoadError(f"C_GetFunctionList of {path!r} failed", ckr=rv)
+        self._functions = self._bind(table.contents)
+        self._serial_lock: threading.Lock | None = None
+        self._initialize()
+
+    @staticmethod
+    def _bind(table: ck.CK_FUNCTION_LIST) -> dict[str, Callable[..., int]]:
+        functions: dict[str, Callable[..., int]] = {}
+        for name, argtypes in ck.PROTOTYPES.items():
+            address = getattr(table, name)
+            if address:
+                functions[name] = ctypes.CFUNCTYPE(ck.CK_RV, *argtypes)(address)
+        return functions
+
+    def _initialize(self) -> None:
+        args = ck.CK_C_INITIALIZE_ARGS(flags=ck.CKF_OS_LOCKING_OK)
+        rv = self._functions["C_Initialize"](ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
+        if rv == ck.CKR_CANT_LOCK:
+            self._serial_lock = threading.Lock()
+            rv = self._functions["C_Initialize"](None)
+        if rv not in (ck.CKR_OK, ck.CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise error_for("C_Initialize", rv)
+
+    @property
+    def serialized(self) -> bool:
+        """True when the module cannot lock and p11kms serialises every call."""
+        return self._serial_lock is not None
+
+    def call(self, name: str, *args: Any) -> None:
+        """Calls one PKCS#11 function and raises the typed error for any CKR other than CKR_OK."""
+        rv = self.call_rv(name, *args)
+        if rv != ck.CKR_OK:
+            raise error_for(name, rv)
+
+    def call_rv(self, name: str, *args: Any) -> int:
+        """Calls one PKCS#11 function and returns its CKR code, for callers that accept some failures."""
+        try:
+            function = self._functions[name]
+        except KeyError:
+            raise HsmError(f"{self.path} does not implement {name}") from None
+        if self._serial_lock is None:
+            return function(*args)
+        with self._serial_lock:
+            return function(*args)
+
+    def finalize(self) -> None:
+        self.call_rv("C_Finalize", None)
+
+    def slots_with_token(self) -> list[int]:
+        count = ck.CK_ULONG(0)
+        self.call("C_GetSlotList", 1, None, ctypes.byref(count))
+        slots = (ck.CK_ULONG * count.value)()
+        self.call("C_GetSlotList", 1, slots, ctypes.byref(count))
+        return list(slots[: count.value])
+
+    def token_info(self, slot: int) -> TokenInfo:
+        info = ck.CK_TOKEN_INFO()
+        self.call("C_GetTokenInfo", slot, ctypes.byref(info))
+        return TokenInfo(
+            slot=slot,
+            label=_text(info.label),
+            serial=_text(info.serialNumber),
+            manufacturer=_text(info.manufacturerID),
+            model=_text(info.model),
+            flags=info.flags,
+        )
+
+    def tokens(self) -> list[TokenInfo]:
+        return [self.token_info(slot) for slot in self.slots_with_token()]
+
+    def find_token(self, *, label: str | None, serial: str | None, slot: int | None) -> TokenInfo:
+        """Returns the one token that matches every given criterion."""
+        tokens = self.tokens()
+        matches = [
+            t for t in tokens
+            if (label is None or t.label == label)
+            and (serial is None or t.serial == serial)
+            and (slot is None or t.slot == slot)
+        ]
+        wanted = ", ".join(
+            f"{name}={value!r}" for name, value in (("label", label), ("serial", serial), ("slot", slot))
+            if value is not None
+        )
+        if not matches:
+            seen = "; ".join(f"slot {t.slot}: label={t.label!r} serial={t.serial!r}" for t in tokens) or "none"
+            raise TokenNotFound(f"no token with {wanted} in {self.path} (tokens present: {seen})")
+        if len(matches) > 1:
+            raise TokenNotFound(
+                f"{len(matches)} tokens match {wanted}; add Token_Serial or Slot to pick one"
+            )
+        return matches[0]
+
+    def supports_gcm(self, slot: int) -> bool:
+        info = ck.CK_MECHANISM_INFO()
+        rv = self.call_rv("C_GetMechanismInfo", slot, ck.CKM_AES_GCM, ctypes.byref(info))
+        return rv == ck.CKR_OK and bool(info.flags & ck.CKF_ENCRYPT) and bool(info.flags & ck.CKF_DECRYPT)
+
+
+_modules: dict[str, Pkcs11Module] = {}
+_modules_lock = threading.Lock()
+
+
+def load_module(path: str) -> Pkcs11Module:
+    """Returns the process-wide instance for ``path``; C_Initialize runs once per process."""
+    with _modules_lock:
+        module = _modules.get(path)
+        if module is None:
+            module = _modules[path] = Pkcs11Module(path)
+        return module

@@ -1,0 +1,204 @@
+"""The keyring: which key encrypts, which keys decrypt, and the ciphertext format.
+
+Ciphertext format, version 1 (what Encrypt returns and kube-apiserver stores):
+
+    0x01 | IV (12 bytes) | AES-256-GCM ciphertext | tag (16 bytes)
+
+The additional authenticated data is ``0x01 | key UUID (ASCII)``, so a
+ciphertext only opens under the key_id it was issued with, and a future format
+cannot be confused with this one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from p11kms.hsm.errors import (
+    AmbiguousDecryptFailure,
+    CiphertextRejected,
+    HsmError,
+    HsmUnavailable,
+    KeyNotUsable,
+)
+from p11kms.hsm.keyident import key_uuid
+from p11kms.hsm.token import GCM_IV_BYTES, GCM_TAG_BYTES, Token
+
+FORMAT_V1 = 0x01
+MAX_CIPHERTEXT_BYTES = 1024  # kube-apiserver rejects longer ciphertexts (spec 2.4)
+OVERHEAD_BYTES = 1 + GCM_IV_BYTES + GCM_TAG_BYTES
+MAX_PLAINTEXT_BYTES = MAX_CIPHERTEXT_BYTES - OVERHEAD_BYTES
+_AES_KEY_TYPE = 0x1F
+_SELF_TEST_PLAINTEXT = bytes(32)
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+@dataclass(frozen=True)
+class Kek:
+    """One key-encryption key as the keyring knows it."""
+
+    role: Role
+    label: str
+    uuid: str
+    uuid_source: str
+    handle: int
+
+
+class KeyringError(Exception):
+    """Base class of request-level problems the keyring detects before or after the HSM."""
+
+
+class UnknownKeyId(KeyringError):
+    def __init__(self, key_id: str, known: Iterable[Kek]) -> None:
+        listing = ", ".join(f"{k.uuid} ({k.role}, label {k.label!r})" for k in known)
+        super().__init__(
+            f"key_id {key_id!r} is not a configured key; configured keys: {listing}. "
+            "Data wrapped under an old key needs that key listed in Secondary_key and still present "
+            "in the HSM: never delete an old key while etcd holds objects that use it"
+        )
+        self.key_id = key_id
+
+
+class MalformedCiphertext(KeyringError):
+    """The ciphertext is not in a format p11kms produces."""
+
+
+class InvalidPlaintext(KeyringError):
+    """The plaintext to wrap is empty or too long."""
+
+
+class UnsuitableKey(KeyringError):
+    """A configured key cannot serve as a KEK (wrong type or usage flags, or a duplicate)."""
+
+
+def _aad(key_uuid_text: str) -> bytes:
+    return bytes([FORMAT_V1]) + key_uuid_text.encode("ascii")
+
+
+class Keyring:
+    """An immutable set of KEKs on one token: exactly one primary and any number of secondaries."""
+
+    def __init__(self, token: Token, primary: Kek, secondaries: tuple[Kek, ...]) -> None:
+        self.token = token
+        self.primary = primary
+        self.secondaries = secondaries
+        self._by_uuid = {k.uuid: k for k in (primary, *secondaries)}
+
+    @property
+    def key_id(self) -> str:
+        return self.primary.uuid
+
+    @property
+    def keys(self) -> tuple[Kek, ...]:
+        return (self.primary, *self.secondaries)
+
+    def key_for(self, key_id: str) -> Kek:
+        try:
+            return self._by_uuid[key_id]
+        except KeyError:
+            raise UnknownKeyId(key_id, self.keys) from None
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        if not plaintext:
+            raise InvalidPlaintext("plaintext is empty; kube-apiserver always sends a 32-byte DEK seed")
+        if len(plaintext) > MAX_PLAINTEXT_BYTES:
+            raise InvalidPlaintext(
+                f"plaintext is {len(plaintext)} bytes; at most {MAX_PLAINTEXT_BYTES} fit in the "
+                f"{MAX_CIPHERTEXT_BYTES}-byte ciphertext limit of KMS v2"
+            )
+        iv, sealed = self.token.gcm_encrypt(self.primary.handle, plaintext, _aad(self.primary.uuid))
+        return bytes([FORMAT_V1]) + iv + sealed
+
+    def decrypt(self, ciphertext: bytes, key_id: str) -> bytes:
+        kek = self.key_for(key_id)
+        try:
+            return self._open(kek, ciphertext)
+        except CiphertextRejected as exc:
+            raise CiphertextRejected(_rejected_message(kek), ckr=exc.ckr) from exc
+        except AmbiguousDecryptFailure as exc:
+            # Some modules (SoftHSM 2.6) answer a bad tag with CKR_GENERAL_ERROR. If a known-good
+            # round trip still works, the HSM is fine and the fault lies with the ciphertext.
+            try:
+                self.self_test()
+            except HsmError as probe_exc:
+                raise HsmUnavailable(
+                    f"decrypt failed with {exc.ckr_name} and the HSM self-test failed too: {probe_exc}",
+                    ckr=exc.ckr,
+                ) from probe_exc
+            raise CiphertextRejected(_rejected_message(kek), ckr=exc.ckr) from exc
+
+    def _open(self, kek: Kek, ciphertext: bytes) -> bytes:
+        iv, sealed = _split_v1(ciphertext)
+        return self.token.gcm_decrypt(kek.handle, iv, sealed, _aad(kek.uuid))
+
+    def self_test(self) -> None:
+        """Encrypts and decrypts a fixed non-secret buffer with the primary key."""
+        wrapped = self.encrypt(_SELF_TEST_PLAINTEXT)
+        if self._open(self.primary, wrapped) != _SELF_TEST_PLAINTEXT:
+            raise HsmError("self-test round trip returned different bytes")
+
+
+def _split_v1(ciphertext: bytes) -> tuple[bytes, bytes]:
+    if not ciphertext:
+        raise MalformedCiphertext("ciphertext is empty")
+    if len(ciphertext) > MAX_CIPHERTEXT_BYTES:
+        raise MalformedCiphertext(
+            f"ciphertext is {len(ciphertext)} bytes; p11kms never issues more than {MAX_CIPHERTEXT_BYTES}"
+        )
+    if ciphertext[0] != FORMAT_V1:
+        raise MalformedCiphertext(
+            f"ciphertext format byte is 0x{ciphertext[0]:02x}, expected 0x{FORMAT_V1:02x}: "
+            "it was not produced by p11kms (or by a newer version)"
+        )
+    if len(ciphertext) < OVERHEAD_BYTES + 1:
+        raise MalformedCiphertext(
+            f"ciphertext is {len(ciphertext)} bytes, shorter than the {OVERHEAD_BYTES + 1}-byte minimum: truncated"
+        )
+    return ciphertext[1 : 1 + GCM_IV_BYTES], ciphertext[1 + GCM_IV_BYTES :]
+
+
+def _rejected_message(kek: Kek) -> str:
+    return (
+        f"ciphertext failed authentication under key {kek.uuid} (label {kek.label!r}): it was altered, "
+        "truncated, or issued under a different key_id"
+    )
+
+
+def resolve_kek(token: Token, label: str, role: Role) -> Kek:
+    """Finds the key labelled ``label`` and checks it can wrap and unwrap with AES-GCM."""
+    handle = token.find_one_secret_key(label)
+    attrs = token.key_attributes(handle)
+    problems = []
+    if attrs.key_type != _AES_KEY_TYPE:
+        problems.append("it is not an AES key")
+    if attrs.can_decrypt is False:
+        problems.append("CKA_DECRYPT is false")
+    if role is Role.PRIMARY and attrs.can_encrypt is False:
+        problems.append("CKA_ENCRYPT is false")
+    if problems:
+        raise UnsuitableKey(f"key {label!r} ({role}) cannot be used: {'; '.join(problems)}")
+    try:
+        uuid, source = key_uuid(token, attrs)
+    except KeyNotUsable as exc:
+        raise UnsuitableKey(f"key {label!r} ({role}) refuses AES-GCM: {exc}") from exc
+    return Kek(role=role, label=label, uuid=str(uuid), uuid_source=source, handle=handle)
+
+
+def build_keyring(token: Token, primary_label: str, secondary_labels: Iterable[str]) -> Keyring:
+    """Looks every key up once; requests then use the handles found here."""
+    primary = resolve_kek(token, primary_label, Role.PRIMARY)
+    secondaries = tuple(resolve_kek(token, label, Role.SECONDARY) for label in secondary_labels)
+    seen: dict[str, Kek] = {}
+    for kek in (primary, *secondaries):
+        twin = seen.get(kek.uuid)
+        if twin is not None:
+            raise UnsuitableKey(
+                f"labels {twin.label!r} and {kek.label!r} name the same key (UUID {kek.uuid}); list it once"
+            )
+        seen[kek.uuid] = kek
+    return Keyring(token, primary, secondaries)
