@@ -182,7 +182,8 @@ class Token:
                 break
             if handle is not None:
                 self.module.call_rv("C_CloseSession", handle)
-        self.module.call_rv("C_Logout", self._anchor)
+        # No C_Logout: the login belongs to the whole process and ends by itself when its last
+        # session closes; logging out here would break any other Token open on the same slot.
         self.module.call_rv("C_CloseSession", self._anchor)
 
     # -- objects ------------------------------------------------------------------------------

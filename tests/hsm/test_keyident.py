@@ -1,0 +1,84 @@
+"""The key UUID rule against real keys, including keys made by another tool (OpenSC pkcs11-tool)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from p11kms.hsm.keyident import key_uuid, uuid_from_cka_id
+from p11kms.hsm.token import Token
+from tests.support import TOKEN_LABEL, USER_PIN, HsmEnv, unique_label
+
+Keys = Callable[[], tuple[str, str]]
+
+
+def pkcs11_tool_keygen(env: HsmEnv, label: str, cka_id: str = "0a0b0c") -> None:
+    # pkcs11-tool only takes the PIN as an argument; this is the foreign tool under test, not p11kms.
+    subprocess.run(
+        ["pkcs11-tool", "--module", env.module, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN,
+         "--keygen", "--key-type", "AES:32", "--label", label, "--id", cka_id],
+        env=env.process_env(), check=True, capture_output=True, timeout=30,
+    )
+
+
+def uuid_in_fresh_process(env: HsmEnv, label: str) -> str:
+    code = (
+        "from p11kms.hsm.module import load_module;from p11kms.hsm.token import open_token\n"
+        "from p11kms.hsm.keyident import key_uuid\n"
+        f"m=load_module({env.module!r});i=m.find_token(label={TOKEN_LABEL!r},serial=None,slot=None)\n"
+        f"t=open_token(m,i,{USER_PIN!r}.encode(),1)\n"
+        f"print(key_uuid(t,t.key_attributes(t.find_one_secret_key({label!r})))[0])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env.process_env(), capture_output=True,
+                            text=True, timeout=30, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def require_pkcs11_tool() -> None:
+    if subprocess.run(["which", "pkcs11-tool"], capture_output=True).returncode != 0:
+        pytest.fail("pkcs11-tool (Debian package opensc) is required by this test")
+
+
+def test_p11kms_keys_carry_their_uuid_in_cka_id(token: Token, new_key: Keys) -> None:
+    label, created = new_key()
+    attrs = token.key_attributes(token.find_one_secret_key(label))
+    assert key_uuid(token, attrs) == (uuid_from_cka_id(created.encode()), "cka_id")
+
+
+@pytest.mark.usefixtures("require_pkcs11_tool")
+def test_foreign_key_gets_a_stable_uuid_across_processes(hsm_env: HsmEnv, token: Token) -> None:
+    label = unique_label("tool")
+    pkcs11_tool_keygen(hsm_env, label)
+    attrs = token.key_attributes(token.find_one_secret_key(label))
+    here, source = key_uuid(token, attrs)
+    assert source == "fingerprint"
+    assert key_uuid(token, attrs)[0] == here  # stable in one process
+    assert uuid_in_fresh_process(hsm_env, label) == str(here)  # and in another
+
+
+@pytest.mark.usefixtures("require_pkcs11_tool")
+def test_a_reused_label_on_new_key_material_gets_a_new_uuid(hsm_env: HsmEnv, token: Token) -> None:
+    label = unique_label("tool")
+    pkcs11_tool_keygen(hsm_env, label)
+    handle = token.find_one_secret_key(label)
+    first = key_uuid(token, token.key_attributes(handle))[0]
+    token.destroy_object(handle)
+    pkcs11_tool_keygen(hsm_env, label)  # same label, same CKA_ID, new key bytes
+    second = key_uuid(token, token.key_attributes(token.find_one_secret_key(label)))[0]
+    assert first != second
+
+
+@pytest.mark.parametrize(("cka_id", "expected"), [
+    (b"3f2d5c1e-0b7a-4c4e-9a51-7d3c2e1f0a9b", "3f2d5c1e-0b7a-4c4e-9a51-7d3c2e1f0a9b"),
+    (b"3F2D5C1E-0B7A-4C4E-9A51-7D3C2E1F0A9B", None),  # not canonical text
+    (b"\x01\x02", None),
+    (b"", None),
+    (bytes(range(16)), None),  # raw 16 bytes are not treated as a UUID
+])
+def test_only_canonical_uuid_text_in_cka_id_counts(cka_id: bytes, expected: str | None) -> None:
+    parsed = uuid_from_cka_id(cka_id)
+    assert (str(parsed) if parsed else None) == expected
