@@ -13,10 +13,14 @@ import grpc
 from p11kms.client import DEFAULT_TIMEOUT, KmsClient
 from p11kms.config import ConfigError, PinError, PluginConfig, load_config
 from p11kms.devenv import DEFAULT_DEV_DIR, prepare_dev_environment
+from p11kms.etcd import EtcdClient, EtcdError
+from p11kms.etcdscan import describe_value, scan
+from p11kms.etcdscan_report import render_json, render_text
 from p11kms.hsm.errors import HsmError
 from p11kms.hsm.keyident import create_kek, key_uuid
 from p11kms.keyring import KeyringError
 from p11kms.observability import build_logger, log_event
+from p11kms.preflight import run_checks
 from p11kms.server import Plugin, SocketInUse, install_signal_handlers, open_configured_token
 
 EXIT_USAGE = 2
@@ -47,9 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     listing = key_commands.add_parser("list", help="list secret keys with their UUIDs and roles")
     _add_config_source(listing)
 
-    status = commands.add_parser("status", help="call Status like kube-apiserver does")
-    status.add_argument("--socket", type=Path, required=True, help="plugin socket path")
-    status.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-call deadline in seconds")
+    for name, text in (("status", "call Status like kube-apiserver does"),
+                       ("check", "pre-flight: call the plugin as kube-apiserver does and apply all its checks")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--socket", type=Path, required=True, help="plugin socket path")
+        command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-call deadline in seconds")
+
+    etcd = commands.add_parser("etcd", help="read-only tools for kube-apiserver's etcd")
+    etcd_commands = etcd.add_subparsers(dest="etcd_command", required=True)
+    scan = etcd_commands.add_parser("scan", help="count stored objects per KMS provider and key UUID")
+    scan.add_argument("--endpoints", required=True, help="etcd client URLs, comma-separated")
+    scan.add_argument("--cacert", help="CA bundle for https endpoints")
+    scan.add_argument("--cert", help="client certificate (PEM)")
+    scan.add_argument("--key", help="client certificate key (PEM)")
+    scan.add_argument("--prefix", default="/registry/", help="etcd key prefix (kube-apiserver --etcd-prefix + '/')")
+    scan.add_argument("--page-size", type=int, default=500, help="keys read per request")
+    scan.add_argument("--require", metavar="UUID",
+                      help="exit 1 and list every object of an encrypted resource not on this key UUID")
+    scan.add_argument("--resource", action="append",
+                      help="with --require: resource to check (repeatable; default: all that hold KMS v2 objects)")
+    scan.add_argument("--show", metavar="KEY", help="print one object's envelope (no decryption) and exit")
+    scan.add_argument("--json", action="store_true", help="machine-readable report")
+    scan.add_argument("--progress", action="store_true", help="show progress on stderr")
     return parser
 
 
@@ -112,11 +135,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if reply.healthz == "ok" else EXIT_FAILURE
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    with KmsClient(args.socket, args.timeout) as client:
+        checks = run_checks(client)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.passed and not c.advisory]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed")
+    return EXIT_FAILURE if failed else 0
+
+
+def cmd_etcd_scan(args: argparse.Namespace) -> int:
+    client = EtcdClient(args.endpoints.split(","), cacert=args.cacert, cert=args.cert, key=args.key)
+    if args.show:
+        stored = client.get(args.show.encode())
+        if stored is None:
+            print(f"no key {args.show} in etcd", file=sys.stderr)
+            return EXIT_FAILURE
+        for name, value in describe_value(stored):
+            print(f"{name + ':':<21}{value}")
+        return 0
+
+    def show_progress(count: int) -> None:
+        print(f"\rscanned {count} keys", end="", file=sys.stderr, flush=True)
+
+    report = scan(client, args.prefix, page_size=args.page_size, require=args.require,
+                  progress=show_progress if args.progress else None)
+    if args.progress:
+        print(file=sys.stderr)
+    print(render_json(report) if args.json else render_text(report))
+    if args.require is None:
+        return 0
+    resources = set(args.resource) if args.resource else report.encrypted_resources()
+    missing = report.not_on(resources)
+    if missing:
+        print(f"FAIL: {len(missing)} object(s) of {', '.join(sorted(resources)) or 'no resource'} "
+              f"are not on key {args.require}:")
+        for key in missing:
+            print(f"  {key}")
+        return EXIT_FAILURE
+    print(f"OK: every object of {', '.join(sorted(resources))} is on key {args.require}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": cmd_serve,
         "status": cmd_status,
+        "check": cmd_check,
+        "etcd": cmd_etcd_scan,
         "keys": cmd_keys_create if getattr(args, "keys_command", None) == "create" else cmd_keys_list,
     }
     try:
@@ -124,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PinError) as exc:
         print(f"p11kms: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (HsmError, KeyringError, SocketInUse, FileNotFoundError) as exc:
+    except (HsmError, KeyringError, SocketInUse, FileNotFoundError, EtcdError) as exc:
         print(f"p11kms: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 

@@ -1,0 +1,52 @@
+"""``python -m p11kms.standin``: run the kube-apiserver stand-in (tests and demos only)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from p11kms.client import KmsClient
+from p11kms.etcd import EtcdClient
+from p11kms.observability import build_logger, log_event
+from p11kms.standin.http import StandinHttpServer
+from p11kms.standin.kms import HEALTHY_INTERVAL, UNHEALTHY_INTERVAL, KmsEnvelope, StatusPoller
+from p11kms.standin.store import SecretStore
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m p11kms.standin",
+                                     description="kube-apiserver stand-in for KMS v2 tests (not a Kubernetes server)")
+    parser.add_argument("--etcd", required=True, help="etcd client URL(s), comma-separated")
+    parser.add_argument("--kms-socket", required=True, help="the plugin's Unix socket")
+    parser.add_argument("--provider-name", default="p11kms", help="the kms provider name in EncryptionConfiguration")
+    parser.add_argument("--etcd-prefix", default="/registry", help="as kube-apiserver's --etcd-prefix")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for the REST API (port 0: any free)")
+    parser.add_argument("--kms-timeout", type=float, default=3.0, help="per-call deadline (kube-apiserver: 3s)")
+    parser.add_argument("--status-interval", type=float, default=HEALTHY_INTERVAL)
+    parser.add_argument("--status-retry-interval", type=float, default=UNHEALTHY_INTERVAL)
+    args = parser.parse_args(argv)
+    logger = build_logger("text", "info")
+
+    kms = KmsEnvelope(KmsClient(args.kms_socket, args.kms_timeout), args.provider_name)
+    poller = StatusPoller(kms, args.status_interval, args.status_retry_interval)
+    poller.start()
+    host, _, port = args.listen.rpartition(":")
+    server = StandinHttpServer((host, int(port)), SecretStore(EtcdClient(args.etcd.split(",")), kms, args.etcd_prefix))
+    # shutdown() waits for serve_forever() to return, so it must not run on serve_forever's thread.
+    signal.signal(signal.SIGTERM, lambda _s, _f: threading.Thread(target=server.shutdown).start())
+    # The first line on stdout is the URL, so a test or script can find the port it got.
+    bound_host, bound_port = server.server_address[:2]
+    print(f"http://{bound_host!s}:{bound_port}", flush=True)
+    log_event(logger, logging.INFO, "kube-apiserver stand-in serving", provider=args.provider_name)
+    try:
+        server.serve_forever()
+    finally:
+        poller.stopped.set()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
