@@ -17,7 +17,16 @@ from p11kms.hsm.keyident import create_kek
 from p11kms.hsm.module import load_module
 from p11kms.hsm.provision import init_token
 from p11kms.hsm.token import Token, open_token
-from tests.support import SO_PIN, TOKEN_LABEL, USER_PIN, HsmEnv, PluginProcess, start_plugin, unique_label
+from tests.support import (
+    SO_PIN,
+    TOKEN_LABEL,
+    USER_PIN,
+    HsmEnv,
+    PluginProcess,
+    start_etcd,
+    start_plugin,
+    unique_label,
+)
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +78,12 @@ def run_plugin(hsm_env: HsmEnv, tmp_path: Path) -> Iterator[Callable[..., Plugin
     yield run
     for plugin in started:
         plugin.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real etcd server for the test session; tests keep apart by key prefix."""
+    server = start_etcd(tmp_path_factory.mktemp("etcd"))
+    yield server.url
+    server.proc.terminate()
+    server.proc.wait(20)

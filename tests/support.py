@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +18,7 @@ from pathlib import Path
 import grpc
 
 from p11kms.client import KmsClient
+from p11kms.etcd import EtcdClient, EtcdError
 
 USER_PIN = "test-user-pin-7391"
 SO_PIN = "test-so-pin-2204"
@@ -120,3 +125,102 @@ def wait_until_serving(plugin: PluginProcess, deadline: float = 20.0) -> None:
                 last = exc
         time.sleep(0.05)
     raise AssertionError(f"plugin did not serve within {deadline}s (last error {last}):\n{plugin.log()}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class EtcdServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+
+def start_etcd(directory: Path) -> EtcdServer:
+    """A real etcd (Debian etcd-server) on loopback with its own data directory."""
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    with (directory / "etcd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["etcd", "--name", "p11kms-test", "--data-dir", str(directory / "data"),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"p11kms-test={peer}"],
+            stdout=log, stderr=subprocess.STDOUT)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            EtcdClient([client], timeout=1).revision()
+            return EtcdServer(client, proc)
+        except EtcdError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"etcd did not start:\n{(directory / 'etcd.log').read_text()}")
+
+
+@dataclass
+class Standin:
+    """The kube-apiserver stand-in as an OS process, and kubectl pointed at it."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    home: Path
+    prefix: str
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.home / "kubeconfig"), "HOME": str(self.home)}
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["kubectl", *args], env=self.env(), input=stdin, capture_output=True,
+                              text=True, timeout=60)
+
+    def shell(self, pipeline: str) -> subprocess.CompletedProcess[str]:
+        """Runs a command line exactly as an operator types it, pipes included."""
+        return subprocess.run(pipeline, shell=True, env=self.env(), capture_output=True, text=True, timeout=120)
+
+    def health(self) -> dict[str, object]:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz/kms-providers", timeout=5) as reply:
+                answer: dict[str, object] = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            answer = json.loads(exc.read())
+        return answer
+
+    def wait_for_key_id(self, key_id: str, seconds: float = 20.0) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.health() == {"status": "ok", "key_id": key_id}:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"stand-in never reached key_id {key_id}: {self.health()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_standin(etcd_url: str, kms_socket: Path, home: Path, *, prefix: str = "/registry",
+                  status_interval: float = 0.3) -> Standin:
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / "standin.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p11kms.standin", "--etcd", etcd_url, "--kms-socket", str(kms_socket),
+         "--etcd-prefix", prefix, "--status-interval", str(status_interval),
+         "--status-retry-interval", str(status_interval)],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://"), f"stand-in did not start: {(home / 'standin.log').read_text()}"
+    (home / "kubeconfig").write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters:\n- name: standin\n  cluster: {{server: \"{url}\"}}\n"
+        "users:\n- name: operator\n  user: {}\n"
+        "contexts:\n- name: standin\n  context: {cluster: standin, user: operator}\n"
+        "current-context: standin\n")
+    return Standin(proc, url, home, prefix)

@@ -66,6 +66,12 @@ class KubeApiHandler(BaseHTTPRequestHandler):
             host = self.headers.get("Host", "127.0.0.1")
             return 200, {"kind": "APIVersions", "versions": ["v1"],
                          "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}]}
+        if method == "GET" and path == "/healthz/kms-providers":
+            kms = store.kms
+            healthy = not kms.last_problems
+            # key_id is not in kube-apiserver's answer; the stand-in adds it so tests can see a rotation land.
+            return (200 if healthy else 500), {"status": "ok" if healthy else "; ".join(kms.last_problems),
+                                               "key_id": kms.current_key_id}
         if method == "GET" and path == "/openapi/v3":
             return 200, openapi.root_document()
         if method == "GET" and path == f"/openapi/v3/{openapi.GROUP_VERSION_PATH}":
