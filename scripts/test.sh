@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
+export PATH="$PWD/.venv/bin:$PATH"  # tools setup.sh may have put there (kubectl)
 .venv/bin/ruff check src tests
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
