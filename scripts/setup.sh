@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 packages=(softhsm2 python3-venv)
 if [[ "${1:-}" == "--dev" ]]; then
-  packages+=(opensc p11-kit p11-kit-modules libp11-kit-dev gcc etcd-server etcd-client)
+  packages+=(opensc p11-kit p11-kit-modules libp11-kit-dev gcc etcd-server etcd-client
+             ninja-build pkg-config libffi-dev libtasn1-6-dev xz-utils)
 fi
 
 missing=()
@@ -51,4 +52,8 @@ target.chmod(0o755)
 PY
   rm -rf "$tmp"
   echo "setup: installed kubectl $(.venv/bin/kubectl version --client 2>/dev/null | head -1) into .venv/bin" >&2
+fi
+
+if [[ "${1:-}" == "--dev" ]]; then
+  PYTHON=.venv/bin/python scripts/build-p11kit.sh
 fi

@@ -45,18 +45,19 @@ class HsmEnv:
         return env
 
     def write_config(self, path: Path, primary: str, secondary: str = "", **attributes: str) -> Path:
-        lines = [
-            f"Primary_key = {primary}",
-            f"PKCS11_Module = {self.module}",
-            f"Token_Label = {TOKEN_LABEL}",
-            f"PIN_File = {self.pin_file}",
-            f"Socket = {path.parent / 'kms.sock'}",
-            "Health_Interval = 1",
-        ]
+        """Writes a plugin config for the test token; ``attributes`` add to or override the defaults."""
+        settings = {
+            "Primary_key": primary,
+            "PKCS11_Module": self.module,
+            "Token_Label": TOKEN_LABEL,
+            "PIN_File": str(self.pin_file),
+            "Socket": str(path.parent / "kms.sock"),
+            "Health_Interval": "1",
+        }
         if secondary:
-            lines.append(f"Secondary_key = {secondary}")
-        lines += [f"{name} = {value}" for name, value in attributes.items()]
-        path.write_text("\n".join(lines) + "\n")
+            settings["Secondary_key"] = secondary
+        settings.update(attributes)
+        path.write_text("".join(f"{name} = {value}\n" for name, value in settings.items()))
         return path
 
 

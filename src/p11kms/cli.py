@@ -21,7 +21,8 @@ from p11kms.hsm.keyident import create_kek, key_uuid
 from p11kms.keyring import KeyringError
 from p11kms.observability import build_logger, log_event
 from p11kms.preflight import run_checks
-from p11kms.server import Plugin, SocketInUse, install_signal_handlers, open_configured_token
+from p11kms.server import Plugin, SocketInUse, install_signal_handlers
+from p11kms.supervisor import open_configured_token
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import grpc
 
-from p11kms.config import ConfigError, PluginConfig, load_config, read_pin
+from p11kms.config import ConfigError, PluginConfig, load_config
 from p11kms.health import CachedHealth
 from p11kms.hsm.errors import HsmError
-from p11kms.hsm.module import load_module
-from p11kms.hsm.token import Token, open_token
-from p11kms.keyring import Keyring, KeyringError, build_keyring
+from p11kms.keyring import Keyring, KeyringError
 from p11kms.kmsv2 import api_pb2_grpc
 from p11kms.observability import log_event
 from p11kms.service import KmsService
+from p11kms.supervisor import KeyringSupervisor, log_keyring
 
 # Settings read once at start; the rest (the key labels, log level) follow a SIGHUP reload.
 _RESTART_ONLY = ("module", "token_label", "token_serial", "slot", "pin_file", "pin_env", "socket",
@@ -31,32 +30,6 @@ _RESTART_ONLY = ("module", "token_label", "token_serial", "slot", "pin_file", "p
 
 class SocketInUse(Exception):
     """The socket path is served by a live process or is not a socket at all."""
-
-
-def open_configured_token(config: PluginConfig) -> Token:
-    module = load_module(config.module)
-    info = module.find_token(label=config.token_label, serial=config.token_serial, slot=config.slot)
-    return open_token(module, info, read_pin(config), config.sessions)
-
-
-def log_keyring(logger: logging.Logger, keyring: Keyring, event: str) -> None:
-    """One line per key with role, label and UUID: the rotation procedure reads the key UUID here."""
-    for kek in keyring.keys:
-        log_event(logger, logging.INFO, f"{event}: key", role=kek.role.value, label=kek.label,
-                  uuid=kek.uuid, uuid_source=kek.uuid_source)
-
-
-class KeyringHolder:
-    """The current keyring; a reload swaps it atomically while requests keep flowing."""
-
-    def __init__(self, keyring: Keyring) -> None:
-        self._keyring = keyring
-
-    def current(self) -> Keyring:
-        return self._keyring
-
-    def replace(self, keyring: Keyring) -> None:
-        self._keyring = keyring
 
 
 def claim_socket_path(path: Path, logger: logging.Logger) -> None:
@@ -102,27 +75,29 @@ class Plugin:
     def __init__(self, config: PluginConfig, logger: logging.Logger) -> None:
         self.config = config
         self.log = logger
-        self.token = open_configured_token(config)
-        self.keyrings = KeyringHolder(build_keyring(self.token, config.primary_key, config.secondary_keys))
-        self.health = CachedHealth(lambda: self.keyrings.current().self_test(), config.health_interval)
+        self.health = CachedHealth(lambda: self.keys.run(Keyring.self_test), config.health_interval)
+        self.keys = KeyringSupervisor(config, logger, on_ready=self.health.invalidate)
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
         self.server: grpc.Server | None = None
 
+    def healthz(self) -> str:
+        """The Status healthz: the supervisor's cause at once while the HSM is down, else the cached probe."""
+        return self.keys.unready_reason() or self.health.status()
+
     def start(self) -> None:
         claim_socket_path(self.config.socket, self.log)
+        self.keys.start()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.sessions * 2,
                                                              thread_name_prefix="kms"))
-        service = KmsService(self.keyrings.current, self.health.status, self.log)
+        service = KmsService(self.keys, self.healthz, self.log)
         # The generated registration helper carries no annotations.
         api_pb2_grpc.add_KeyManagementServiceServicer_to_server(service, self.server)  # type: ignore[no-untyped-call]
         _bind(self.server, self.config)
         self.server.start()
-        log_keyring(self.log, self.keyrings.current(), "keyring loaded")
         log_event(self.log, logging.INFO, "serving KMS v2", socket=str(self.config.socket),
-                  key_id=self.keyrings.current().key_id, token=self.token.info.label,
-                  sessions=self.config.sessions)
+                  key_id=self.keys.key_id, hsm=self.keys.state.value, sessions=self.config.sessions)
 
     def request_stop(self) -> None:
         self._stop_requested = True
@@ -146,18 +121,20 @@ class Plugin:
         """Re-reads the config and swaps in the new keyring; on any error the old keyring stays."""
         try:
             config = load_config(self.config.path)
-            keyring = build_keyring(self.token, config.primary_key, config.secondary_keys)
+            keyring = self.keys.reload(config)
         except (ConfigError, HsmError, KeyringError) as exc:
             log_event(self.log, logging.ERROR, "reload failed; still serving the previous keyring",
-                      error=str(exc), key_id=self.keyrings.current().key_id)
+                      error=str(exc), key_id=self.keys.key_id)
             return
         ignored = [name for name in _RESTART_ONLY if getattr(config, name) != getattr(self.config, name)]
         if ignored:
             log_event(self.log, logging.WARNING, "reload ignores settings that need a restart",
                       settings=",".join(ignored))
-        self.keyrings.replace(keyring)
         self.health.invalidate()
         self.log.setLevel(config.log_level.upper())
+        if keyring is None:
+            log_event(self.log, logging.WARNING, "reload noted; the hsm is down, the new keys apply on reconnect")
+            return
         log_keyring(self.log, keyring, "keyring reloaded")
 
     def stop(self) -> None:
@@ -166,7 +143,7 @@ class Plugin:
         if self.server is not None:
             self.server.stop(self.config.shutdown_grace).wait()
         self.config.socket.unlink(missing_ok=True)
-        self.token.close()
+        self.keys.stop()
         log_event(self.log, logging.INFO, "stopped")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -24,6 +24,16 @@ from p11kms.observability import log_event
 
 API_VERSION = "v2"
 _Reply = TypeVar("_Reply")
+_Result = TypeVar("_Result")
+
+
+class KeyringAccess(Protocol):
+    """How the service reaches the keys: ``run`` lends the current keyring for one operation."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    def run(self, work: Callable[[Keyring], _Result]) -> _Result: ...
 
 
 class BadRequest(Exception):
@@ -49,29 +59,29 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
 class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
     """Serves Status, Encrypt and Decrypt from whatever keyring ``keyring()`` returns at call time."""
 
-    def __init__(self, keyring: Callable[[], Keyring], health: Callable[[], str], logger: logging.Logger) -> None:
-        self._keyring = keyring
+    def __init__(self, keys: KeyringAccess, health: Callable[[], str], logger: logging.Logger) -> None:
+        self._keys = keys
         self._health = health
         self._log = logger
 
     def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.StatusResponse:
         return self._answer(context, "Status", "-", lambda: api_pb2.StatusResponse(
-            version=API_VERSION, healthz=self._health(), key_id=self._keyring().key_id,
+            version=API_VERSION, healthz=self._health(), key_id=self._keys.key_id,
         ))
 
     def Encrypt(self, request: api_pb2.EncryptRequest, context: grpc.ServicerContext) -> api_pb2.EncryptResponse:
         def encrypt() -> api_pb2.EncryptResponse:
-            keyring = self._keyring()
-            ciphertext = keyring.encrypt(request.plaintext)
-            log_event(self._log, logging.DEBUG, "encrypt", uid=request.uid, key_uuid=keyring.key_id)
-            return api_pb2.EncryptResponse(ciphertext=ciphertext, key_id=keyring.key_id)
+            # Ciphertext and key_id come from the same keyring, even if a reload swaps it meanwhile.
+            ciphertext, key_id = self._keys.run(lambda keyring: (keyring.encrypt(request.plaintext), keyring.key_id))
+            log_event(self._log, logging.DEBUG, "encrypt", uid=request.uid, key_uuid=key_id)
+            return api_pb2.EncryptResponse(ciphertext=ciphertext, key_id=key_id)
 
         return self._answer(context, "Encrypt", request.uid, encrypt)
 
     def Decrypt(self, request: api_pb2.DecryptRequest, context: grpc.ServicerContext) -> api_pb2.DecryptResponse:
         def decrypt() -> api_pb2.DecryptResponse:
             _check_decrypt_request(request)
-            plaintext = self._keyring().decrypt(request.ciphertext, request.key_id)
+            plaintext = self._keys.run(lambda keyring: keyring.decrypt(request.ciphertext, request.key_id))
             log_event(self._log, logging.DEBUG, "decrypt", uid=request.uid, key_uuid=request.key_id)
             return api_pb2.DecryptResponse(plaintext=plaintext)
 

@@ -38,6 +38,14 @@ class HsmUnavailable(HsmError):
     """The device, token or session went away; the operation may succeed after recovery."""
 
 
+class SessionLost(HsmUnavailable):
+    """The session handle is no longer valid; a fresh session may work at once."""
+
+
+class NotLoggedIn(HsmUnavailable):
+    """The application's login is gone (e.g. the HSM restarted); logging in again may work at once."""
+
+
 class LoginFailed(HsmError):
     """The PIN was refused. Never retried automatically: retries can lock the token."""
 
@@ -98,6 +106,10 @@ _CIPHERTEXT = frozenset({ck.CKR_ENCRYPTED_DATA_INVALID, ck.CKR_ENCRYPTED_DATA_LE
 def error_for(function: str, rv: int) -> HsmError:
     """Builds the typed exception for a failed PKCS#11 call."""
     message = f"{function} failed: {ckr_name(rv)} (0x{rv:X})"
+    if rv in (ck.CKR_SESSION_HANDLE_INVALID, ck.CKR_SESSION_CLOSED):
+        return SessionLost(message, ckr=rv)
+    if rv == ck.CKR_USER_NOT_LOGGED_IN:
+        return NotLoggedIn(message, ckr=rv)
     if rv in _UNAVAILABLE:
         return HsmUnavailable(message, ckr=rv)
     if rv in _LOGIN:

@@ -39,8 +39,9 @@ def _text(field: Any) -> str:
 class Pkcs11Module:
     """One PKCS#11 library, initialised once for this process."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, initialize: bool = True) -> None:
         self.path = path
+        self.initialized = False
         try:
             self._lib = ctypes.CDLL(path)
             get_function_list = self._lib.C_GetFunctionList
@@ -57,7 +58,8 @@ class Pkcs11Module:
             raise ModuleLoadError(f"C_GetFunctionList of {path!r} failed", ckr=rv)
         self._functions = self._bind(table.contents)
         self._serial_lock: threading.Lock | None = None
-        self._initialize()
+        if initialize:
+            self.initialize()
 
     @staticmethod
     def _bind(table: ck.CK_FUNCTION_LIST) -> dict[str, Callable[..., int]]:
@@ -68,7 +70,9 @@ class Pkcs11Module:
                 functions[name] = ctypes.CFUNCTYPE(ck.CK_RV, *argtypes)(address)
         return functions
 
-    def _initialize(self) -> None:
+    def initialize(self) -> None:
+        """C_Initialize with OS locking; raises the typed error when the module refuses (e.g. its
+        remote end is unreachable), leaving the module loaded but not initialised."""
         args = ck.CK_C_INITIALIZE_ARGS(flags=ck.CKF_OS_LOCKING_OK)
         rv = self._functions["C_Initialize"](ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
         if rv == ck.CKR_CANT_LOCK:
@@ -76,6 +80,7 @@ class Pkcs11Module:
             rv = self._functions["C_Initialize"](None)
         if rv not in (ck.CKR_OK, ck.CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise error_for("C_Initialize", rv)
+        self.initialized = True
 
     @property
     def serialized(self) -> bool:
@@ -100,7 +105,15 @@ class Pkcs11Module:
             return function(*args)
 
     def finalize(self) -> None:
+        self.initialized = False
         self.call_rv("C_Finalize", None)
+
+    def reinitialize(self) -> None:
+        """C_Finalize then C_Initialize: the only way back for modules whose connection died
+        (p11-kit-client.so answers CKR_DEVICE_ERROR until then, even after its server is back).
+        Every session and object handle of this process becomes invalid."""
+        self.finalize()
+        self.initialize()
 
     def slots_with_token(self) -> list[int]:
         count = ck.CK_ULONG(0)
@@ -156,10 +169,12 @@ _modules: dict[str, Pkcs11Module] = {}
 _modules_lock = threading.Lock()
 
 
-def load_module(path: str) -> Pkcs11Module:
-    """Returns the process-wide instance for ``path``; C_Initialize runs once per process."""
+def load_module(path: str, *, initialize: bool = True) -> Pkcs11Module:
+    """Returns the process-wide instance for ``path``, initialised unless ``initialize`` is False."""
     with _modules_lock:
         module = _modules.get(path)
         if module is None:
-            module = _modules[path] = Pkcs11Module(path)
-        return module
+            module = _modules[path] = Pkcs11Module(path, initialize=False)
+    if initialize and not module.initialized:
+        module.initialize()
+    return module

@@ -14,9 +14,10 @@ import ctypes
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import (
@@ -26,12 +27,15 @@ from p11kms.hsm.errors import (
     KeyLabelTaken,
     KeyNotFound,
     LoginFailed,
+    NotLoggedIn,
+    SessionLost,
     error_for,
 )
 from p11kms.hsm.module import Pkcs11Module, TokenInfo
 
 GCM_IV_BYTES = 12
 GCM_TAG_BYTES = 16
+_Result = TypeVar("_Result")
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class Token:
         self._in_flight = 0
         self._in_flight_peak = 0
         self._counter_lock = threading.Lock()
+        self._relogin_lock = threading.Lock()
         self._anchor = self._open_session(read_write=False)
         self._login()
         for _ in range(pool_size):
@@ -132,6 +137,29 @@ class Token:
             raise LoginFailed(f"token {self.info.label!r} has locked its user PIN; unlock it with the SO PIN",
                               ckr=rv)
         raise error_for("C_Login", rv)
+
+    def _relogin(self) -> None:
+        """Logs in again after the HSM dropped the login; the anchor session is replaced if it died too."""
+        with self._relogin_lock:
+            self.module.call_rv("C_CloseSession", self._anchor)
+            self._anchor = self._open_session(read_write=False)
+            self._login()
+
+    def run(self, work: Callable[[int], _Result]) -> _Result:
+        """Runs one operation on a lent session, retrying once on a fresh session or after a re-login.
+
+        A lost session or login is repaired here, invisibly to the caller; anything worse (device
+        or token gone) propagates as HsmUnavailable for the supervisor to recover from.
+        """
+        try:
+            with self.session() as handle:
+                return work(handle)
+        except SessionLost:
+            pass  # the failed session was closed and replaced; one more try
+        except NotLoggedIn:
+            self._relogin()
+        with self.session() as handle:
+            return work(handle)
 
     @contextmanager
     def session(self) -> Iterator[int]:
@@ -193,20 +221,22 @@ class Token:
         if label is not None:
             criteria.append((ck.CKA_LABEL, label.encode()))
         template = _Template(criteria)
-        found: list[int] = []
         batch = (ck.CK_OBJECT_HANDLE * 16)()
         count = ck.CK_ULONG(0)
-        with self.session() as s:
+
+        def find(s: int) -> list[int]:
+            found: list[int] = []
             self.module.call("C_FindObjectsInit", s, template.array, len(template))
             try:
                 while True:
                     self.module.call("C_FindObjects", s, batch, len(batch), ctypes.byref(count))
                     if count.value == 0:
-                        break
+                        return found
                     found.extend(batch[: count.value])
             finally:
                 self.module.call_rv("C_FindObjectsFinal", s)
-        return found
+
+        return self.run(find)
 
     def find_one_secret_key(self, label: str) -> int:
         handles = self.find_secret_keys(label)
@@ -241,11 +271,9 @@ class Token:
         def as_bool(raw: bytes | None) -> bool | None:
             return bool(raw[0]) if raw else None
 
-        with self.session() as s:
-            read = {kind: self._attribute(s, handle, kind) for kind in (
-                ck.CKA_LABEL, ck.CKA_ID, ck.CKA_KEY_TYPE, ck.CKA_VALUE_LEN, ck.CKA_SENSITIVE,
-                ck.CKA_EXTRACTABLE, ck.CKA_ENCRYPT, ck.CKA_DECRYPT,
-            )}
+        kinds = (ck.CKA_LABEL, ck.CKA_ID, ck.CKA_KEY_TYPE, ck.CKA_VALUE_LEN, ck.CKA_SENSITIVE,
+                 ck.CKA_EXTRACTABLE, ck.CKA_ENCRYPT, ck.CKA_DECRYPT)
+        read = self.run(lambda s: {kind: self._attribute(s, handle, kind) for kind in kinds})
         return SecretKeyAttributes(
             handle=handle,
             label=(read[ck.CKA_LABEL] or b"").decode("utf-8", errors="replace"),
@@ -286,14 +314,12 @@ class Token:
         ])
         mechanism = ck.CK_MECHANISM(mechanism=ck.CKM_AES_KEY_GEN)
         handle = ck.CK_OBJECT_HANDLE()
-        with self.session() as s:
-            self.module.call("C_GenerateKey", s, ctypes.byref(mechanism), template.array, len(template),
-                             ctypes.byref(handle))
+        self.run(lambda s: self.module.call("C_GenerateKey", s, ctypes.byref(mechanism), template.array,
+                                            len(template), ctypes.byref(handle)))
         return handle.value
 
     def destroy_object(self, handle: int) -> None:
-        with self.session() as s:
-            self.module.call("C_DestroyObject", s, handle)
+        self.run(lambda s: self.module.call("C_DestroyObject", s, handle))
 
     # -- AES-GCM ------------------------------------------------------------------------------
     def gcm_encrypt(self, key: int, plaintext: bytes, aad: bytes, iv: bytes | None = None) -> tuple[bytes, bytes]:
@@ -307,15 +333,20 @@ class Token:
         mech = _GcmMechanism(iv, aad)
         return self._crypt("C_DecryptInit", "C_Decrypt", key, mech, sealed, len(sealed))
 
-    def _crypt(self, init: str, run: str, key: int, mech: _GcmMechanism, data: bytes, out_len: int) -> bytes:
+    def _crypt(self, init_function: str, function: str, key: int, mech: _GcmMechanism, data: bytes,
+               out_len: int) -> bytes:
         source = _buffer(data)
         # Room for one extra block: some modules ask for more than the exact GCM output size.
         out = (ctypes.c_ubyte * (out_len + 16))()
         produced = ck.CK_ULONG(len(out))
-        with self.session() as s:
-            self.module.call(init, s, ctypes.byref(mech.mechanism), key)
-            self.module.call(run, s, source, len(data), out, ctypes.byref(produced))
-        return bytes(out[: produced.value])
+
+        def crypt(s: int) -> bytes:
+            produced.value = len(out)
+            self.module.call(init_function, s, ctypes.byref(mech.mechanism), key)
+            self.module.call(function, s, source, len(data), out, ctypes.byref(produced))
+            return bytes(out[: produced.value])
+
+        return self.run(crypt)
 
 
 def open_token(module: Pkcs11Module, info: TokenInfo, pin: bytes, pool_size: int) -> Token:
