@@ -21,8 +21,10 @@ from tests.support import (
     SO_PIN,
     TOKEN_LABEL,
     USER_PIN,
+    FaultControl,
     HsmEnv,
     PluginProcess,
+    build_fault_module,
     start_etcd,
     start_plugin,
     unique_label,
@@ -87,3 +89,13 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield server.url
     server.proc.terminate()
     server.proc.wait(20)
+
+
+@pytest.fixture(scope="session")
+def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_fault_module(tmp_path_factory.mktemp("faultmodule"))
+
+
+@pytest.fixture
+def faults(fault_module: Path, tmp_path: Path) -> FaultControl:
+    return FaultControl(fault_module, tmp_path / "p11fault.control", tmp_path / "p11fault.calls")

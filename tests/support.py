@@ -90,13 +90,13 @@ class PluginProcess:
 
 
 def start_plugin(env: HsmEnv, config: Path, *, wait: bool = True, cwd: Path | None = None,
-                 args: list[str] | None = None) -> PluginProcess:
+                 args: list[str] | None = None, extra_env: dict[str, str] | None = None) -> PluginProcess:
     socket_path = _configured_socket(config)
     log_path = config.parent / f"plugin-{uuid.uuid4().hex[:6]}.log"
     command = [sys.executable, "-m", "p11kms", "serve", *(args or ["--config", str(config)])]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env.process_env(),
-                                cwd=cwd)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=env.process_env(**(extra_env or {})), cwd=cwd)
     plugin = PluginProcess(proc, socket_path, log_path)
     if wait:
         wait_until_serving(plugin)
@@ -225,3 +225,84 @@ def start_standin(etcd_url: str, kms_socket: Path, home: Path, *, prefix: str = 
         "contexts:\n- name: standin\n  context: {cluster: standin, user: operator}\n"
         "current-context: standin\n")
     return Standin(proc, url, home, prefix)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_fault_module(directory: Path) -> Path:
+    """Compiles tests/faultmodule/p11fault.c, the fault- and latency-injecting PKCS#11 pass-through."""
+    target = directory / "p11fault.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I/usr/include/p11-kit-1",
+                    "-o", str(target), str(ROOT / "tests" / "faultmodule" / "p11fault.c"), "-ldl", "-lpthread"],
+                   check=True, capture_output=True, timeout=120)
+    return target
+
+
+@dataclass
+class FaultControl:
+    """Drives a running p11fault module: what it injects, and which calls it saw."""
+
+    module: Path
+    control: Path
+    calllog: Path
+
+    def env(self, real_module: str) -> dict[str, str]:
+        return {"P11FAULT_MODULE": real_module, "P11FAULT_CONTROL": str(self.control),
+                "P11FAULT_CALLLOG": str(self.calllog)}
+
+    def set(self, *lines: str) -> None:
+        # A new file (not an in-place write) so the module sees a new modification time at once.
+        staging = self.control.with_suffix(".new")
+        staging.write_text("".join(line + "\n" for line in lines))
+        os.replace(staging, self.control)
+
+    def calls(self, function: str) -> int:
+        return self.calllog.read_text().split().count(function) if self.calllog.exists() else 0
+
+
+def p11kit_prefix() -> Path:
+    """Where scripts/build-p11kit.sh installs p11-kit 0.25 (GCM-capable RPC)."""
+    return ROOT / ".cache" / "p11kit"
+
+
+@dataclass
+class RemoteHsm:
+    """A `p11-kit server` process exporting the SoftHSM2 test token over a Unix socket."""
+
+    socket: Path
+    client_module: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        prefix = p11kit_prefix()
+        self.socket.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [str(prefix / "bin" / "p11-kit"), "server", "-f", "-n", str(self.socket), "--provider",
+             self.env["P11KMS_SOFTHSM_MODULE"], f"pkcs11:token={TOKEN_LABEL}"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # its per-client helpers join this process group
+        end = time.monotonic() + 10
+        while not self.socket.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert self.socket.exists(), "p11-kit server did not create its socket"
+
+    def kill(self) -> None:
+        """Kills the server and every per-connection helper, as a crash of the HSM would."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def client_env(self) -> dict[str, str]:
+        return {"P11_KIT_SERVER_ADDRESS": f"unix:path={self.socket}"}
+
+
+def remote_hsm(env: HsmEnv, directory: Path) -> RemoteHsm:
+    prefix = p11kit_prefix()
+    clients = sorted(prefix.glob("lib*/**/pkcs11/p11-kit-client.so"))
+    assert clients, "p11-kit 0.25 is missing: run scripts/build-p11kit.sh (scripts/setup.sh --dev does)"
+    libs = ":".join(str(p.parent.parent) for p in clients)
+    server_env = env.process_env(LD_LIBRARY_PATH=libs, P11KMS_SOFTHSM_MODULE=env.module)
+    return RemoteHsm(directory / "hsm.sock", clients[0], server_env)

@@ -207,7 +207,8 @@ class KeyringSupervisor:
         hint = ("not retrying on a timer: fix the PIN source (a change is noticed) or send SIGHUP"
                 if refused else "retrying with back-off")
         log_event(self._log, logging.ERROR, message, error=str(exc), cause=self._cause, next=hint)
-        self._wake.set()
+        if not refused:
+            self._wake.set()  # start reconnecting now; a refused login waits for a reason to retry
 
     def _connect(self, *, fresh: bool) -> None:
         """Opens the token and builds the keyring. Except on the very first try, the module is

@@ -139,11 +139,19 @@ class Token:
         raise error_for("C_Login", rv)
 
     def _relogin(self) -> None:
-        """Logs in again after the HSM dropped the login; the anchor session is replaced if it died too."""
+        """Logs in again after the HSM dropped the login; the anchor session is replaced if it died too.
+
+        The old anchor is closed only after a new session exists: closing the process's last
+        session would log it out and, on some modules (SoftHSM), invalidate the key handles.
+        """
         with self._relogin_lock:
-            self.module.call_rv("C_CloseSession", self._anchor)
-            self._anchor = self._open_session(read_write=False)
-            self._login()
+            try:
+                self._login()
+            except SessionLost:
+                dead = self._anchor
+                self._anchor = self._open_session(read_write=False)
+                self.module.call_rv("C_CloseSession", dead)
+                self._login()
 
     def run(self, work: Callable[[int], _Result]) -> _Result:
         """Runs one operation on a lent session, retrying once on a fresh session or after a re-login.

@@ -1,0 +1,275 @@
+"""Recovery from HSM faults, one test per path.
+
+Most faults are injected by tests/faultmodule/p11fault.c, a pass-through PKCS#11 module in front of
+the real SoftHSM2 token, because a real token cannot be made to lose a session or a device on demand.
+The wrong-PIN test uses a real wrong PIN; the remote-HSM test kills a real `p11-kit server`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.support import FaultControl, HsmEnv, PluginProcess, remote_hsm, start_plugin
+
+Keys = Callable[[], tuple[str, str]]
+StartFaulty = Callable[..., PluginProcess]
+
+
+@pytest.fixture
+def start_faulty(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path) -> Iterator[StartFaulty]:
+    started: list[PluginProcess] = []
+
+    def start(primary: str, **attributes: str) -> PluginProcess:
+        config = hsm_env.write_config(tmp_path / "p11kms.cfg", primary, PKCS11_Module=str(faults.module),
+                                      **attributes)
+        plugin = start_plugin(hsm_env, config, extra_env=faults.env(hsm_env.module))
+        started.append(plugin)
+        return plugin
+
+    yield start
+    for plugin in started:
+        plugin.stop()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 15.0) -> float:
+    """Returns how long the condition took to hold; fails the test if it never does."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {seconds}s")
+
+
+def timed_error(call: Callable[[], object]) -> tuple[grpc.RpcError, float]:
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value, time.monotonic() - started
+
+
+def test_a_lost_session_is_replaced_without_failing_the_request(start_faulty: StartFaulty, faults: FaultControl,
+                                                                 new_key: Keys) -> None:
+    plugin = start_faulty(new_key()[0])
+    client = plugin.client()
+    sessions_before = faults.calls("C_OpenSession")
+    faults.set("fail C_EncryptInit 0xB3 1")  # CKR_SESSION_HANDLE_INVALID, once
+    reply = client.encrypt(b"s" * 32)
+    assert client.decrypt(reply.ciphertext, reply.key_id) == b"s" * 32
+    assert faults.calls("C_OpenSession") > sessions_before
+    assert "reconnecting" not in plugin.log()
+
+
+def test_a_lost_login_is_restored_without_failing_the_request(start_faulty: StartFaulty, faults: FaultControl,
+                                                               new_key: Keys) -> None:
+    plugin = start_faulty(new_key()[0])
+    logins_before = faults.calls("C_Login")
+    faults.set("fail C_DecryptInit 0x101 1")  # CKR_USER_NOT_LOGGED_IN, once
+    client = plugin.client()
+    reply = client.encrypt(b"l" * 32)
+    assert client.decrypt(reply.ciphertext, reply.key_id) == b"l" * 32
+    assert faults.calls("C_Login") == logins_before + 1
+    assert "reconnecting" not in plugin.log()
+
+
+@pytest.mark.parametrize(("ckr", "name"), [(0x30, "CKR_DEVICE_ERROR"), (0x32, "CKR_DEVICE_REMOVED"),
+                                           (0xE0, "CKR_TOKEN_NOT_PRESENT")])
+def test_device_faults_fail_fast_then_recover_by_themselves(start_faulty: StartFaulty, faults: FaultControl,
+                                                            new_key: Keys, ckr: int, name: str) -> None:
+    plugin = start_faulty(new_key()[0])
+    client = plugin.client()
+    before = client.encrypt(b"d" * 32)
+    everything = ("C_GetSlotList", "C_GetTokenInfo", "C_OpenSession", "C_Login", "C_FindObjectsInit",
+                  "C_EncryptInit", "C_DecryptInit")
+    faults.set(*(f"fail {function} {ckr:#x} -1" for function in everything))
+    error, seconds = timed_error(lambda: client.encrypt(b"x" * 32))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and name in (error.details() or "")
+    assert seconds < 0.5
+    status = client.status()
+    assert status.healthz != "ok" and name in status.healthz
+    assert status.key_id == before.key_id  # unchanged while down: kube-apiserver sees no rotation
+    error, seconds = timed_error(lambda: client.decrypt(before.ciphertext, before.key_id))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and seconds < 0.5
+
+    faults.set()  # the HSM is back
+    wait_for(lambda: client.status().healthz == "ok")
+    assert client.decrypt(before.ciphertext, before.key_id) == b"d" * 32
+    assert plugin.proc.poll() is None
+    assert "hsm reconnected" in plugin.log()
+
+
+def test_wrong_pin_is_tried_once_then_only_on_sighup_or_a_changed_pin(hsm_env: HsmEnv, faults: FaultControl,
+                                                                       tmp_path: Path, new_key: Keys) -> None:
+    pin_file = tmp_path / "wrong.pin"
+    pin_file.write_text("not-the-pin-1\n")
+    pin_file.chmod(0o600)
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", new_key()[0], PKCS11_Module=str(faults.module),
+                                  PIN_File=str(pin_file))
+    plugin = start_plugin(hsm_env, config, extra_env=faults.env(hsm_env.module))
+    try:
+        client = plugin.client()
+        assert client.status().healthz == "hsm login refused (CKR_PIN_INCORRECT): check the PIN source"
+        time.sleep(5)  # longer than the PIN poll and several back-off rounds
+        assert faults.calls("C_Login") == 1
+        assert plugin.proc.poll() is None
+
+        plugin.signal(signal.SIGHUP)
+        wait_for(lambda: faults.calls("C_Login") == 2)
+        time.sleep(3)
+        assert faults.calls("C_Login") == 2
+
+        pin_file.write_text(hsm_env.pin_file.read_text())  # the operator fixes the PIN source
+        wait_for(lambda: client.status().healthz == "ok")
+        assert faults.calls("C_Login") == 3
+        assert client.decrypt(client.encrypt(b"p" * 32).ciphertext, client.status().key_id) == b"p" * 32
+        assert "not-the-pin-1" not in plugin.log()
+    finally:
+        plugin.stop()
+
+
+def test_operations_overlap_inside_the_hsm(start_faulty: StartFaulty, faults: FaultControl, new_key: Keys) -> None:
+    """With 200 ms added to C_EncryptInit and to C_Encrypt, one Encrypt spends 400 ms in the HSM;
+    8 concurrent Encrypts take about 400 ms, not 3.2 s: the plugin really keeps several HSM
+    operations in flight (ctypes releases the GIL)."""
+    plugin = start_faulty(new_key()[0], Sessions="8")
+    clients = [plugin.client() for _ in range(8)]
+    for client in clients:
+        client.encrypt(b"w" * 32)  # connect every channel first
+    faults.set("latency_ms 200")
+    barrier = threading.Barrier(8)
+    elapsed: list[float] = []
+
+    def call(client_index: int) -> None:
+        barrier.wait()
+        started = time.monotonic()
+        clients[client_index].encrypt(b"c" * 32)
+        elapsed.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = time.monotonic() - started
+    faults.set()
+    assert len(elapsed) == 8
+    assert total < 1.2, f"8 concurrent 400 ms Encrypts took {total:.2f}s: HSM calls were serialised"
+
+
+def test_sigterm_lets_an_in_flight_call_finish(start_faulty: StartFaulty, faults: FaultControl, new_key: Keys) -> None:
+    plugin = start_faulty(new_key()[0])
+    client = plugin.client()
+    client.encrypt(b"0" * 32)
+    faults.set("latency_ms 800")  # C_EncryptInit and C_Encrypt: 1.6 s in the HSM, inside the 3 s deadline
+    result: dict[str, object] = {}
+
+    def slow_call() -> None:
+        try:
+            reply = client.encrypt(b"f" * 32)
+            result["key_id"] = reply.key_id
+        except grpc.RpcError as exc:
+            result["error"] = exc.code()
+
+    worker = threading.Thread(target=slow_call)
+    worker.start()
+    time.sleep(0.5)  # the call is now inside the HSM
+    plugin.signal(signal.SIGTERM)
+    worker.join(10)
+    assert "key_id" in result, result
+    assert plugin.proc.wait(20) == 0
+    assert not plugin.socket.exists()
+
+
+def test_remote_hsm_killed_and_restarted(hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    """A real remote HSM: the test token served by `p11-kit server`, used through p11-kit-client.so."""
+    hsm = remote_hsm(hsm_env, tmp_path)
+    hsm.start()
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", new_key()[0], PKCS11_Module=str(hsm.client_module))
+    plugin = start_plugin(hsm_env, config, extra_env=hsm.client_env())
+    try:
+        client = plugin.client()
+        key_id = client.status().key_id
+        wrapped = client.encrypt(b"r" * 32)
+        outcomes = {"ok": 0, "wrong": 0}
+        failures: list[tuple[grpc.StatusCode, float]] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            caller = plugin.client()
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    right = caller.decrypt(wrapped.ciphertext, wrapped.key_id) == b"r" * 32
+                    outcomes["ok" if right else "wrong"] += 1
+                except grpc.RpcError as exc:
+                    failures.append((exc.code(), time.monotonic() - started))
+                    time.sleep(0.05)
+
+        workers = [threading.Thread(target=traffic) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(0.5)
+        hsm.kill()
+        down_after = wait_for(lambda: client.status().healthz != "ok", seconds=5)
+        assert down_after < 1.5  # the health cache interval is 1 s in these configs
+        assert plugin.proc.poll() is None
+        time.sleep(1.0)
+        hsm.start()
+        back_after = wait_for(lambda: client.status().healthz == "ok", seconds=20)
+        time.sleep(0.5)
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+        assert outcomes["wrong"] == 0 and outcomes["ok"] > 0
+        assert failures and {code for code, _ in failures} == {grpc.StatusCode.UNAVAILABLE}
+        assert max(seconds for _, seconds in failures) < 1.0  # well inside kube-apiserver's 3 s
+        assert client.status().key_id == key_id
+        assert client.decrypt(wrapped.ciphertext, wrapped.key_id) == b"r" * 32
+        print(f"\nremote HSM: unhealthy after {down_after:.2f}s, healthy {back_after:.2f}s after restart, "
+              f"{outcomes['ok']} good calls, {len(failures)} UNAVAILABLE")
+    finally:
+        plugin.stop()
+        if hsm.proc is not None:
+            hsm.kill()
+
+
+def test_pin_never_leaks(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path, new_key: Keys) -> None:
+    """The PIN appears in no argv, log line, health text or error message, even on a refused login."""
+    from tests.support import USER_PIN
+
+    wrong = "leak-canary-pin-5150"
+    pin_file = tmp_path / "user.pin"
+    pin_file.write_text(wrong)
+    pin_file.chmod(0o600)
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", new_key()[0], PIN_File=str(pin_file),
+                                  Log_Level="debug")
+    plugin = start_plugin(hsm_env, config)
+    try:
+        client = plugin.client()
+        texts = [client.status().healthz]
+        with pytest.raises(grpc.RpcError) as caught:
+            client.encrypt(b"z" * 32)
+        texts.append(caught.value.details() or "")
+        texts.append(Path(f"/proc/{plugin.proc.pid}/cmdline").read_bytes().decode(errors="replace"))
+        pin_file.write_text(USER_PIN)
+        wait_for(lambda: client.status().healthz == "ok")
+        reply = client.encrypt(b"z" * 32)
+        client.decrypt(reply.ciphertext, reply.key_id)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.decrypt(reply.ciphertext[:-1] + b"\x00", reply.key_id)
+        texts.append(caught.value.details() or "")
+    finally:
+        plugin.stop()
+    texts.append(plugin.log())
+    for text in texts:
+        assert wrong not in text and USER_PIN not in text
+    assert os.environ.get("P11KMS_TEST_PIN") is None
