@@ -136,3 +136,10 @@ def test_read_pin_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.cfg")
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.cfg"
+    path.write_bytes(BASE.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)

@@ -196,3 +196,16 @@ def test_an_absent_token_at_start_is_served_as_unhealthy(run_plugin: Run, new_ke
     error = rpc_error(lambda: plugin.client().encrypt(b"k" * 32))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert plugin.proc.poll() is None
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
+def test_a_pin_file_others_can_read_is_warned_about(run_plugin: Run, hsm_env: HsmEnv, tmp_path: Path,
+                                                     new_key: Keys, mode: int, warned: bool) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(hsm_env.pin_file.read_text())
+    pin_file.chmod(mode)
+    plugin = run_plugin(new_key()[0], PIN_File=str(pin_file))
+    assert plugin.client().status().healthz == "ok"
+    assert (f"has mode {mode:04o}" in plugin.log()) is warned
+    if warned:
+        assert f"chmod 600 {pin_file}" in plugin.log()

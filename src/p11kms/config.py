@@ -203,6 +203,9 @@ def load_config(path: str | os.PathLike[str]) -> PluginConfig:
         text = config_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path} is not UTF-8 text (invalid byte at offset {exc.start}); "
+                          "save it as UTF-8") from exc
     reader = _Reader(parse_settings(text, config_path), config_path)
     primary, secondaries = _labels(reader)
     module = reader.text("pkcs11_module", required_fix="set PKCS11_Module to the vendor PKCS#11 library path")
@@ -271,3 +274,17 @@ def read_pin(config: PluginConfig) -> bytes:
     if not pin:
         raise PinError(f"the PIN in {source} is empty")
     return pin
+
+
+def pin_source_warnings(config: PluginConfig) -> list[str]:
+    """Problems with how the PIN is stored that do not stop the plugin but that an operator must fix."""
+    if config.pin_file is None:
+        return []
+    try:
+        mode = config.pin_file.stat().st_mode & 0o777
+    except OSError:
+        return []  # unreadable files are reported when the PIN is read
+    if mode & 0o077:
+        return [f"PIN_File {config.pin_file} has mode {mode:04o}: other users may read or change the HSM PIN; "
+                f"run: chmod 600 {config.pin_file}"]
+    return []

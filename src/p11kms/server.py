@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from p11kms.config import ConfigError, PluginConfig, load_config
+from p11kms.config import ConfigError, PluginConfig, load_config, pin_source_warnings
 from p11kms.health import CachedHealth
 from p11kms.hsm.errors import HsmError
 from p11kms.keyring import Keyring, KeyringError
@@ -87,6 +87,8 @@ class Plugin:
         return self.keys.unready_reason() or self.health.status()
 
     def start(self) -> None:
+        for warning in pin_source_warnings(self.config):
+            log_event(self.log, logging.WARNING, warning)
         claim_socket_path(self.config.socket, self.log)
         self.keys.start()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.sessions * 2,

@@ -1,0 +1,75 @@
+"""Set-up shared by the benchmark scripts: a private SoftHSM2 token, the fault module, plugin processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from p11kms.client import KmsClient  # noqa: E402 - after the path set-up above
+from p11kms.devenv import find_softhsm_module, write_softhsm_conf  # noqa: E402
+from p11kms.hsm.keyident import create_kek  # noqa: E402
+from p11kms.hsm.module import load_module  # noqa: E402
+from p11kms.hsm.provision import init_token  # noqa: E402
+from p11kms.hsm.token import open_token  # noqa: E402
+
+TOKEN, USER_PIN, SO_PIN = "p11kms-bench", "bench-user-pin-1", "bench-so-pin-1"
+
+
+def make_token(directory: Path, labels: tuple[str, ...]) -> tuple[dict[str, str], str, Path]:
+    """Creates a token with one KEK per label; returns (process env, SoftHSM module path, PIN file)."""
+    conf = write_softhsm_conf(directory)
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    softhsm = find_softhsm_module()
+    module = load_module(softhsm)
+    token = open_token(module, init_token(module, TOKEN, SO_PIN.encode(), USER_PIN.encode()), USER_PIN.encode(), 1)
+    for label in labels:
+        create_kek(token, label)
+    token.close()
+    pin = directory / "user.pin"
+    pin.write_text(USER_PIN)
+    pin.chmod(0o600)
+    return dict(os.environ, SOFTHSM2_CONF=str(conf)), softhsm, pin
+
+
+def p11kit_client_module() -> Path:
+    return next((ROOT / ".cache" / "p11kit").glob("lib*/**/pkcs11/p11-kit-client.so"))
+
+
+def build_fault_module(directory: Path) -> Path:
+    target = directory / "p11fault.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I/usr/include/p11-kit-1", "-o", str(target),
+                    str(ROOT / "tests" / "faultmodule" / "p11fault.c"), "-ldl", "-lpthread"], check=True)
+    return target
+
+
+def write_config(directory: Path, module: str | Path, pin: Path, **extra: str) -> Path:
+    settings = {"Primary_key": "bench-kek-1", "PKCS11_Module": str(module), "Token_Label": TOKEN,
+                "PIN_File": str(pin), "Socket": str(directory / "kms.sock"), "Health_Interval": "1", **extra}
+    config = directory / "p11kms.cfg"
+    config.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+    return config
+
+
+def start_plugin(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    plugin = subprocess.Popen([sys.executable, "-m", "p11kms", "serve", "--config", str(config)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    socket = config.parent / "kms.sock"
+    while healthz(socket) != "ok":
+        if plugin.poll() is not None:
+            raise SystemExit(f"plugin exited: {log.read_text()}")
+        time.sleep(0.05)
+    return plugin
+
+
+def healthz(socket: Path) -> str:
+    with KmsClient(socket, timeout=1.0) as client:
+        try:
+            return client.status().healthz
+        except Exception as exc:  # a figure for the report, not an error of the benchmark
+            return f"status failed: {type(exc).__name__}"

@@ -1,0 +1,205 @@
+"""Load and soak: many concurrent callers against one plugin on a remote HSM that restarts mid-run.
+
+Sets everything up in a temporary directory: a SoftHSM2 token served by `p11-kit server` (a real
+remote HSM), a p11kms plugin process using it through p11-kit-client.so, and caller processes
+(threads inside) that Encrypt fresh seeds and Decrypt them back. One third of the way in, the
+plugin is rotated with SIGHUP (new primary, old key as secondary); two thirds in, the HSM server
+is killed and restarted. Prints a table of figures and, last, one JSON line for scripts.
+
+    python bench/soak.py [--callers 256] [--calls 100000] [--processes 4]
+
+Needs scripts/setup.sh --dev (SoftHSM2, and p11-kit 0.25 in .cache/p11kit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _env import ROOT, TOKEN, healthz, make_token, p11kit_client_module, start_plugin, write_config
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+@dataclass
+class Tally:
+    """What one caller process saw; sent back to the controller through a queue."""
+
+    ok: int = 0
+    wrong: int = 0
+    errors: list[tuple[float, str]] = field(default_factory=list)  # (wall-clock time, gRPC code)
+    encrypt_ms: list[float] = field(default_factory=list)
+    decrypt_ms: list[float] = field(default_factory=list)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2)
+
+
+def _caller_process(socket: str, threads: int, total: int, counter: Any, results: Any) -> None:
+    import grpc
+
+    from p11kms.client import KmsClient
+
+    tally = Tally()
+    lock = threading.Lock()
+
+    def caller() -> None:
+        def count(n: int) -> None:
+            with counter.get_lock():
+                counter.value += n
+
+        with KmsClient(socket, timeout=3.0) as client:
+            while counter.value < total:
+                seed = os.urandom(32)
+                try:
+                    started = time.perf_counter()
+                    reply = client.encrypt(seed)
+                    middle = time.perf_counter()
+                    plain = client.decrypt(reply.ciphertext, reply.key_id)
+                    ended = time.perf_counter()
+                except grpc.RpcError as exc:
+                    with lock:
+                        tally.errors.append((time.time(), exc.code().name))
+                    count(1)
+                    time.sleep(0.02)
+                    continue
+                with lock:
+                    if plain == seed:
+                        tally.ok += 2
+                    else:
+                        tally.wrong += 2
+                    tally.encrypt_ms.append((middle - started) * 1000)
+                    tally.decrypt_ms.append((ended - middle) * 1000)
+                count(2)
+
+    workers = [threading.Thread(target=caller) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    results.put(tally)
+
+
+class Hsm:
+    def __init__(self, env: dict[str, str], softhsm: str, socket: Path) -> None:
+        self.env, self.softhsm, self.socket = env, softhsm, socket
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [str(ROOT / ".cache" / "p11kit" / "bin" / "p11-kit"), "server", "-f", "-n", str(self.socket),
+             "--provider", self.softhsm, f"pkcs11:token={TOKEN}"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        while not self.socket.exists():
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def run(callers: int, calls: int, processes: int) -> dict[str, object]:
+    directory = Path(tempfile.mkdtemp(prefix="p11kms-soak-"))
+    env, softhsm, pin = make_token(directory, ("bench-kek-1", "bench-kek-2"))
+    client_module = p11kit_client_module()
+    env.update(LD_LIBRARY_PATH=str(client_module.parent.parent),
+               P11_KIT_SERVER_ADDRESS=f"unix:path={directory / 'hsm.sock'}")
+    hsm = Hsm(env, softhsm, directory / "hsm.sock")
+    hsm.start()
+    config = write_config(directory, client_module, pin, Sessions="16")
+    plugin = start_plugin(config, env, directory / "plugin.log")
+    rss_before = _rss_kib(plugin.pid)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    counter = context.Value("q", 0)
+    threads_per_process = callers // processes
+    started = time.time()
+    workers = [context.Process(target=_caller_process, args=(str(directory / "kms.sock"), threads_per_process,
+                                                             calls, counter, results)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+
+    rss_samples: list[int] = []
+
+    def wait_for_calls(done: int) -> None:
+        while counter.value < done:
+            rss_samples.append(_rss_kib(plugin.pid))
+            time.sleep(0.05)
+
+    wait_for_calls(calls // 3)
+    config.write_text(config.read_text().replace("Primary_key = bench-kek-1",
+                                                 "Primary_key = bench-kek-2\nSecondary_key = bench-kek-1"))
+    plugin.send_signal(signal.SIGHUP)
+    reload_at = time.time()
+    wait_for_calls(2 * calls // 3)
+    down_at = time.time()
+    hsm.kill()
+    time.sleep(1.0)
+    hsm.start()
+    while healthz(directory / "kms.sock") != "ok":
+        time.sleep(0.05)
+    up_at = time.time()
+    wait_for_calls(calls)
+    tallies = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    elapsed = time.time() - started
+    rss_after = _rss_kib(plugin.pid)
+    alive = plugin.poll() is None
+    plugin.send_signal(signal.SIGTERM)
+    plugin.wait(30)
+    hsm.kill()
+    errors = [e for t in tallies for e in t.errors]
+    # An error counts as "while down" from the kill until Status was ok again, plus one deadline (3 s)
+    # for calls that were already waiting when the HSM came back.
+    outside = [e for e in errors if not down_at <= e[0] <= up_at + 3.0]
+    encrypt_ms = [v for t in tallies for v in t.encrypt_ms]
+    decrypt_ms = [v for t in tallies for v in t.decrypt_ms]
+    ok, wrong = sum(t.ok for t in tallies), sum(t.wrong for t in tallies)
+    return {
+        "callers": callers, "calls": ok + wrong + len(errors), "seconds": round(elapsed, 1),
+        "ok": ok, "wrong": wrong, "errors": len(errors), "error_codes": sorted({code for _, code in errors}),
+        "errors_outside_hsm_outage": len(outside),
+        "reload_at_s": round(reload_at - started, 1), "hsm_down_at_s": round(down_at - started, 1),
+        "hsm_outage_s": round(up_at - down_at, 2),
+        "encrypt_ms_p50": _percentile(encrypt_ms, 0.5), "encrypt_ms_p99": _percentile(encrypt_ms, 0.99),
+        "decrypt_ms_p50": _percentile(decrypt_ms, 0.5), "decrypt_ms_p99": _percentile(decrypt_ms, 0.99),
+        "rss_kib_before": rss_before, "rss_kib_after": rss_after,
+        "rss_kib_first_half_max": max(rss_samples[: len(rss_samples) // 2]),
+        "rss_kib_second_half_max": max(rss_samples[len(rss_samples) // 2 :]), "plugin_alive": alive,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--callers", type=int, default=256)
+    parser.add_argument("--calls", type=int, default=100_000)
+    parser.add_argument("--processes", type=int, default=4)
+    args = parser.parse_args()
+    figures = run(args.callers, args.calls, args.processes)
+    for name, value in figures.items():
+        print(f"{name:<28} {value}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
