@@ -50,7 +50,8 @@ def build_fault_module(directory: Path) -> Path:
 
 def write_config(directory: Path, module: str | Path, pin: Path, **extra: str) -> Path:
     settings = {"Primary_key": "bench-kek-1", "PKCS11_Module": str(module), "Token_Label": TOKEN,
-                "PIN_File": str(pin), "Socket": str(directory / "kms.sock"), "Health_Interval": "1", **extra}
+                "PIN_File": str(pin), "Socket": str(directory / "kms.sock"), "Health_Interval": "1",
+                "HTTP_Address": "127.0.0.1:0", **extra}
     config = directory / "p11kms.cfg"
     config.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
     return config

@@ -53,6 +53,7 @@ class HsmEnv:
             "PIN_File": str(self.pin_file),
             "Socket": str(path.parent / "kms.sock"),
             "Health_Interval": "1",
+            "HTTP_Address": "127.0.0.1:0",  # any free port: tests run many plugins at once
         }
         if secondary:
             settings["Secondary_key"] = secondary

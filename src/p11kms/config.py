@@ -18,6 +18,7 @@ from pathlib import Path
 
 PLUGIN_SECTION = "kmsplugin"
 DEFAULT_SOCKET = "/run/p11kms/kms.sock"
+DEFAULT_HTTP_PORT = 8095
 
 
 class ConfigError(Exception):
@@ -50,6 +51,7 @@ class PluginConfig:
     sessions: int = 8
     health_interval: float = 10.0
     shutdown_grace: float = 10.0
+    http_address: tuple[str, int] | None = ("127.0.0.1", DEFAULT_HTTP_PORT)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def where(self, attribute: str) -> str:
@@ -62,7 +64,7 @@ class PluginConfig:
 ATTRIBUTES = {name.lower(): name for name in (
     "Primary_key", "Secondary_key", "PKCS11_Module", "Token_Label", "Token_Serial", "Slot",
     "PIN_File", "PIN_Env", "Socket", "Socket_Mode", "Socket_Group", "Log_Format", "Log_Level",
-    "Sessions", "Health_Interval", "Shutdown_Grace",
+    "Sessions", "Health_Interval", "Shutdown_Grace", "HTTP_Address",
 )}
 _SECRET_LOOKING = {"pin", "user_pin", "password", "so_pin"}
 _COMMENT = re.compile(r"\s[#;].*$")
@@ -196,6 +198,17 @@ def _socket_mode(reader: _Reader) -> int:
     return mode
 
 
+def _http_address(reader: _Reader) -> tuple[str, int] | None:
+    raw = reader.text("http_address", f"127.0.0.1:{DEFAULT_HTTP_PORT}")
+    assert raw is not None
+    if raw.lower() == "off":
+        return None
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise reader.fail("http_address", f"must be HOST:PORT (e.g. 127.0.0.1:{DEFAULT_HTTP_PORT}) or off, got {raw!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def load_config(path: str | os.PathLike[str]) -> PluginConfig:
     """Reads and validates a configuration file. Raises ConfigError with the line and the fix."""
     config_path = Path(path)
@@ -238,6 +251,7 @@ def load_config(path: str | os.PathLike[str]) -> PluginConfig:
         sessions=int(reader.number("sessions", 8, low=1, high=256, integer=True)),
         health_interval=reader.number("health_interval", 10.0, low=0.5, high=300),
         shutdown_grace=reader.number("shutdown_grace", 10.0, low=0, high=600),
+        http_address=_http_address(reader),
         lines={key: s.line for key, s in reader.settings.items()},
     )
 

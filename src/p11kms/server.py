@@ -17,8 +17,10 @@ import grpc
 from p11kms.config import ConfigError, PluginConfig, load_config, pin_source_warnings
 from p11kms.health import CachedHealth
 from p11kms.hsm.errors import HsmError
+from p11kms.httpserver import PluginHttpServer, ProbeSource
 from p11kms.keyring import Keyring, KeyringError
 from p11kms.kmsv2 import api_pb2_grpc
+from p11kms.metrics import Metrics
 from p11kms.observability import log_event
 from p11kms.service import KmsService
 from p11kms.supervisor import KeyringSupervisor, log_keyring
@@ -75,8 +77,11 @@ class Plugin:
     def __init__(self, config: PluginConfig, logger: logging.Logger) -> None:
         self.config = config
         self.log = logger
+        self.metrics = Metrics()
         self.health = CachedHealth(lambda: self.keys.run(Keyring.self_test), config.health_interval)
-        self.keys = KeyringSupervisor(config, logger, on_ready=self.health.invalidate)
+        self.keys = KeyringSupervisor(config, logger, on_ready=self.health.invalidate, observer=self.metrics,
+                                      hsm_observer=self.metrics)
+        self.http: PluginHttpServer | None = None
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
@@ -90,16 +95,37 @@ class Plugin:
         for warning in pin_source_warnings(self.config):
             log_event(self.log, logging.WARNING, warning)
         claim_socket_path(self.config.socket, self.log)
+        self._start_http()  # first: a port conflict must stop the start before anything else is claimed
         self.keys.start()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.sessions * 2,
                                                              thread_name_prefix="kms"))
-        service = KmsService(self.keys, self.healthz, self.log)
+        service = KmsService(self.keys, self.healthz, self.log, self.metrics)
         # The generated registration helper carries no annotations.
         api_pb2_grpc.add_KeyManagementServiceServicer_to_server(service, self.server)  # type: ignore[no-untyped-call]
         _bind(self.server, self.config)
         self.server.start()
         log_event(self.log, logging.INFO, "serving KMS v2", socket=str(self.config.socket),
                   key_id=self.keys.key_id, hsm=self.keys.state.value, sessions=self.config.sessions)
+
+    def _start_http(self) -> None:
+        if self.config.http_address is None:
+            return
+        source = ProbeSource(serving=lambda: self.server is not None and not self._stop_requested,
+                             healthz=self.healthz, details=self._details, metrics=self.metrics.exposition)
+        try:
+            self.http = PluginHttpServer(self.config.http_address, source)
+        except OSError as exc:
+            host, port = self.config.http_address
+            raise SocketInUse(f"cannot listen on HTTP_Address {host}:{port}: {exc.strerror}; choose a free "
+                              f"port or set HTTP_Address = off ({self.config.where('http_address')})") from exc
+        self.http.start()
+        log_event(self.log, logging.INFO, "http listening for /metrics /livez /readyz /healthz",
+                  address=self.http.address)
+
+    def _details(self) -> dict[str, object]:
+        keyring = self.keys.current_keyring()
+        keys = [{"role": k.role.value, "label": k.label, "uuid": k.uuid} for k in keyring.keys] if keyring else []
+        return {"hsm": self.keys.state.value, "key_id": self.keys.key_id, "keys": keys}
 
     def request_stop(self) -> None:
         self._stop_requested = True
@@ -125,9 +151,11 @@ class Plugin:
             config = load_config(self.config.path)
             keyring = self.keys.reload(config)
         except (ConfigError, HsmError, KeyringError) as exc:
+            self.metrics.reload(succeeded=False)
             log_event(self.log, logging.ERROR, "reload failed; still serving the previous keyring",
                       error=str(exc), key_id=self.keys.key_id)
             return
+        self.metrics.reload(succeeded=True)
         ignored = [name for name in _RESTART_ONLY if getattr(config, name) != getattr(self.config, name)]
         if ignored:
             log_event(self.log, logging.WARNING, "reload ignores settings that need a restart",
@@ -144,6 +172,8 @@ class Plugin:
                   grace_seconds=self.config.shutdown_grace)
         if self.server is not None:
             self.server.stop(self.config.shutdown_grace).wait()
+        if self.http is not None:
+            self.http.stop()
         self.config.socket.unlink(missing_ok=True)
         self.keys.stop()
         log_event(self.log, logging.INFO, "stopped")

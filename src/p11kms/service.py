@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -25,6 +26,22 @@ from p11kms.observability import log_event
 API_VERSION = "v2"
 _Reply = TypeVar("_Reply")
 _Result = TypeVar("_Result")
+
+
+class ServiceObserver(Protocol):
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        """One RPC ended with gRPC status ``code`` after ``seconds``."""
+
+    def decrypted(self, key_uuid: str, role: str) -> None:
+        """A Decrypt succeeded with this key: shows how much data still uses old keys."""
+
+
+class NullServiceObserver:
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        pass
+
+    def decrypted(self, key_uuid: str, role: str) -> None:
+        pass
 
 
 class KeyringAccess(Protocol):
@@ -59,10 +76,12 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
 class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
     """Serves Status, Encrypt and Decrypt from whatever keyring ``keyring()`` returns at call time."""
 
-    def __init__(self, keys: KeyringAccess, health: Callable[[], str], logger: logging.Logger) -> None:
+    def __init__(self, keys: KeyringAccess, health: Callable[[], str], logger: logging.Logger,
+                 observer: ServiceObserver | None = None) -> None:
         self._keys = keys
         self._health = health
         self._log = logger
+        self._observer = observer or NullServiceObserver()
 
     def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.StatusResponse:
         return self._answer(context, "Status", "-", lambda: api_pb2.StatusResponse(
@@ -81,17 +100,21 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
     def Decrypt(self, request: api_pb2.DecryptRequest, context: grpc.ServicerContext) -> api_pb2.DecryptResponse:
         def decrypt() -> api_pb2.DecryptResponse:
             _check_decrypt_request(request)
-            plaintext = self._keys.run(lambda keyring: keyring.decrypt(request.ciphertext, request.key_id))
+            plaintext, role = self._keys.run(lambda keyring: (keyring.decrypt(request.ciphertext, request.key_id),
+                                                              keyring.key_for(request.key_id).role.value))
+            self._observer.decrypted(request.key_id, role)
             log_event(self._log, logging.DEBUG, "decrypt", uid=request.uid, key_uuid=request.key_id)
             return api_pb2.DecryptResponse(plaintext=plaintext)
 
         return self._answer(context, "Decrypt", request.uid, decrypt)
 
     def _answer(self, context: grpc.ServicerContext, method: str, uid: str, work: Callable[[], _Reply]) -> _Reply:
+        started = time.perf_counter()
         try:
-            return work()
+            reply = work()
         except Exception as exc:
             code, message = status_for(exc)
+            self._observer.rpc(method, code.name, time.perf_counter() - started)
             serious = code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
             level = logging.ERROR if serious else logging.WARNING
             log_event(self._log, level, "request failed", method=method, uid=uid or "-",
@@ -100,6 +123,8 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
                 self._log.exception("unexpected error in %s", method)
             context.abort(code, message)
             raise  # unreachable: abort raises
+        self._observer.rpc(method, grpc.StatusCode.OK.name, time.perf_counter() - started)
+        return reply
 
 
 def _check_decrypt_request(request: api_pb2.DecryptRequest) -> None:

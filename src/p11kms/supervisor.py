@@ -22,7 +22,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from p11kms.config import PinError, PluginConfig, read_pin
 from p11kms.health import describe_failure
@@ -34,6 +34,7 @@ from p11kms.hsm.errors import (
     LoginFailed,
 )
 from p11kms.hsm.module import load_module
+from p11kms.hsm.observer import HsmObserver
 from p11kms.hsm.token import Token, open_token
 from p11kms.keyring import Keyring, KeyringError, UnsuitableKey, build_keyring
 from p11kms.observability import log_event
@@ -54,6 +55,26 @@ def log_keyring(logger: logging.Logger, keyring: Keyring, event: str) -> None:
     for kek in keyring.keys:
         log_event(logger, logging.INFO, f"{event}: key", role=kek.role.value, label=kek.label,
                   uuid=kek.uuid, uuid_source=kek.uuid_source)
+
+
+class SupervisorObserver(Protocol):
+    def keyring_loaded(self, keyring: Keyring) -> None:
+        """A keyring became current (start, reconnect or reload)."""
+
+    def hsm_state(self, state: str) -> None: ...
+
+    def reconnect_attempt(self, succeeded: bool) -> None: ...
+
+
+class NullSupervisorObserver:
+    def keyring_loaded(self, keyring: Keyring) -> None:
+        pass
+
+    def hsm_state(self, state: str) -> None:
+        pass
+
+    def reconnect_attempt(self, succeeded: bool) -> None:
+        pass
 
 
 class HsmState(enum.StrEnum):
@@ -103,13 +124,17 @@ class _Gate:
 class KeyringSupervisor:
     def __init__(self, config: PluginConfig, logger: logging.Logger, *, retry_initial: float = 0.2,
                  retry_max: float = 5.0, pin_poll: float = 2.0,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, observer: SupervisorObserver | None = None,
+                 hsm_observer: HsmObserver | None = None) -> None:
         self._config = config
         self._log = logger
         # A wrong module path is a config error: raise now. Initialising may fail while the HSM is away.
         self._module = load_module(config.module, initialize=False)
+        if hsm_observer is not None:
+            self._module.observer = hsm_observer
         self._retry_initial, self._retry_max, self._pin_poll = retry_initial, retry_max, pin_poll
         self._on_ready = on_ready or (lambda: None)
+        self._observer = observer or NullSupervisorObserver()
         self._lock = threading.Lock()
         self._gate = _Gate()
         self._wake = threading.Event()
@@ -188,6 +213,7 @@ class KeyringSupervisor:
             self._config = config
             self._keyring = keyring
             self._last_key_id = keyring.key_id
+        self._observer.keyring_loaded(keyring)
         return keyring
 
     # -- failures and recovery ----------------------------------------------------------------
@@ -207,6 +233,7 @@ class KeyringSupervisor:
         hint = ("not retrying on a timer: fix the PIN source (a change is noticed) or send SIGHUP"
                 if refused else "retrying with back-off")
         log_event(self._log, logging.ERROR, message, error=str(exc), cause=self._cause, next=hint)
+        self._observer.hsm_state(self._state.value)
         if not refused:
             self._wake.set()  # start reconnecting now; a refused login waits for a reason to retry
 
@@ -234,6 +261,8 @@ class KeyringSupervisor:
             self._generation += 1
             self._state, self._cause = HsmState.READY, "ok"
         log_keyring(self._log, keyring, "keyring loaded")
+        self._observer.keyring_loaded(keyring)
+        self._observer.hsm_state(HsmState.READY.value)
         self._on_ready()
 
     def _recovery_loop(self) -> None:
@@ -277,7 +306,10 @@ class KeyringSupervisor:
                         self._pin_fingerprint = self._pin_source_fingerprint()
                 if self._cause != previous or refused:
                     log_event(self._log, logging.ERROR, "hsm reconnect failed", error=str(exc), cause=self._cause)
+                self._observer.reconnect_attempt(succeeded=False)
+                self._observer.hsm_state(self._state.value)
                 return False
+        self._observer.reconnect_attempt(succeeded=True)
         log_event(self._log, logging.INFO, "hsm reconnected", attempts=self.reconnects,
                   key_id=self.key_id)
         return True

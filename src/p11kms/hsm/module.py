@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError, ModuleLoadError, TokenNotFound, error_for
+from p11kms.hsm.observer import HsmObserver, NullHsmObserver
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Pkcs11Module:
     def __init__(self, path: str, *, initialize: bool = True) -> None:
         self.path = path
         self.initialized = False
+        self.observer: HsmObserver = NullHsmObserver()
         try:
             self._lib = ctypes.CDLL(path)
             get_function_list = self._lib.C_GetFunctionList
@@ -99,10 +102,14 @@ class Pkcs11Module:
             function = self._functions[name]
         except KeyError:
             raise HsmError(f"{self.path} does not implement {name}") from None
+        started = time.perf_counter()
         if self._serial_lock is None:
-            return function(*args)
-        with self._serial_lock:
-            return function(*args)
+            rv = function(*args)
+        else:
+            with self._serial_lock:
+                rv = function(*args)
+        self.observer.pkcs11_call(name, time.perf_counter() - started, rv)
+        return rv
 
     def finalize(self) -> None:
         self.initialized = False

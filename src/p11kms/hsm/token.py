@@ -196,10 +196,12 @@ class Token:
         with self._counter_lock:
             self._in_flight += 1
             self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
+        self.module.observer.in_flight(+1)
 
     def _leave(self) -> None:
         with self._counter_lock:
             self._in_flight -= 1
+        self.module.observer.in_flight(-1)
 
     @property
     def in_flight(self) -> int:

@@ -1,0 +1,84 @@
+"""Prometheus metrics, fed by the observer hooks of the HSM layer, the supervisor and the service.
+
+Names follow Prometheus conventions (``p11kms_`` prefix, base units, ``_total`` counters). Labels carry
+method names, gRPC codes, PKCS#11 function and return-code names, key UUIDs and labels: never a PIN,
+a payload or a plaintext.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from p11kms.hsm.errors import ckr_name
+from p11kms.keyring import Keyring
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """One registry per plugin; implements HsmObserver, SupervisorObserver and ServiceObserver."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("p11kms_grpc_requests", "KMS v2 RPCs by method and gRPC status code.",
+                                ["method", "code"], registry=r)
+        self.request_seconds = Histogram("p11kms_grpc_request_duration_seconds", "KMS v2 RPC latency.",
+                                         ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.hsm_seconds = Histogram("p11kms_hsm_call_duration_seconds", "PKCS#11 call latency by function.",
+                                     ["function"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.hsm_errors = Counter("p11kms_hsm_call_errors", "PKCS#11 calls that returned an error, by return code.",
+                                  ["function", "ckr"], registry=r)
+        self.in_flight_gauge = Gauge("p11kms_hsm_operations_in_flight", "HSM operations running right now.",
+                                     registry=r)
+        self.hsm_up = Gauge("p11kms_hsm_up", "1 while the HSM connection is usable, else 0.", registry=r)
+        self.hsm_state_info = Gauge("p11kms_hsm_state", "The HSM connection state (1 for the current one).",
+                                    ["state"], registry=r)
+        self.reconnects = Counter("p11kms_hsm_reconnect_attempts", "Reconnects to the HSM, by result.",
+                                  ["result"], registry=r)
+        self.primary = Gauge("p11kms_primary_key_info", "The key that encrypts (value 1).", ["uuid", "label"],
+                             registry=r)
+        self.configured = Gauge("p11kms_keyring_keys", "Keys in the keyring by role.", ["role"], registry=r)
+        self.decrypts = Counter("p11kms_decrypt", "Successful Decrypts by key UUID and role.", ["key_uuid", "role"],
+                                registry=r)
+        self.reloads = Counter("p11kms_keyring_reloads", "Keyring reloads (SIGHUP) by result.", ["result"],
+                               registry=r)
+
+    # HsmObserver
+    def pkcs11_call(self, function: str, seconds: float, rv: int) -> None:
+        self.hsm_seconds.labels(function).observe(seconds)
+        if rv != 0:
+            self.hsm_errors.labels(function, ckr_name(rv)).inc()
+
+    def in_flight(self, delta: int) -> None:
+        self.in_flight_gauge.inc(delta)
+
+    # SupervisorObserver
+    def keyring_loaded(self, keyring: Keyring) -> None:
+        self.primary.clear()
+        self.primary.labels(keyring.primary.uuid, keyring.primary.label).set(1)
+        self.configured.labels("primary").set(1)
+        self.configured.labels("secondary").set(len(keyring.secondaries))
+
+    def hsm_state(self, state: str) -> None:
+        self.hsm_state_info.clear()
+        self.hsm_state_info.labels(state).set(1)
+        self.hsm_up.set(1 if state == "ready" else 0)
+
+    def reconnect_attempt(self, succeeded: bool) -> None:
+        self.reconnects.labels("success" if succeeded else "failure").inc()
+
+    # ServiceObserver
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.request_seconds.labels(method).observe(seconds)
+
+    def decrypted(self, key_uuid: str, role: str) -> None:
+        self.decrypts.labels(key_uuid, role).inc()
+
+    # reloads are counted by the server, which knows whether the new config was accepted
+    def reload(self, succeeded: bool) -> None:
+        self.reloads.labels("success" if succeeded else "failure").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
