@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(softhsm2 python3-venv)
 if [[ "${1:-}" == "--dev" ]]; then
   packages+=(opensc p11-kit p11-kit-modules libp11-kit-dev gcc etcd-server etcd-client
-             ninja-build pkg-config libffi-dev libtasn1-6-dev xz-utils)
+             ninja-build pkg-config libffi-dev libtasn1-6-dev xz-utils systemd)
 fi
 
 missing=()

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import grpc
 
+from p11kms.checks import Check, render
 from p11kms.client import DEFAULT_TIMEOUT, KmsClient
 from p11kms.config import ConfigError, PinError, PluginConfig, load_config
 from p11kms.devenv import DEFAULT_DEV_DIR, prepare_dev_environment
+from p11kms.doctor import run_doctor
 from p11kms.etcd import EtcdClient, EtcdError
 from p11kms.etcdscan import describe_value, scan
 from p11kms.etcdscan_report import render_json, render_text
@@ -57,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--socket", type=Path, required=True, help="plugin socket path")
         command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-call deadline in seconds")
+
+    doctor = commands.add_parser("doctor", help="pre-flight of the node: module, token, login, keys, socket, "
+                                                "EncryptionConfiguration")
+    _add_config_source(doctor)
+    doctor.add_argument("--encryption-config", type=Path, help="kube-apiserver's EncryptionConfiguration file")
 
     etcd = commands.add_parser("etcd", help="read-only tools for kube-apiserver's etcd")
     etcd_commands = etcd.add_subparsers(dest="etcd_command", required=True)
@@ -138,12 +145,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     with KmsClient(args.socket, args.timeout) as client:
-        checks = run_checks(client)
-    for check in checks:
-        print(check.line())
-    failed = [c for c in checks if not c.passed and not c.advisory]
-    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed")
-    return EXIT_FAILURE if failed else 0
+        return _print_checks(run_checks(client))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    path = prepare_dev_environment(args.dev_dir) if args.dev else args.config
+    return _print_checks(run_doctor(path, args.encryption_config))
+
+
+def _print_checks(checks: list[Check]) -> int:
+    lines, all_passed = render(checks)
+    print("\n".join(lines))
+    return 0 if all_passed else EXIT_FAILURE
 
 
 def cmd_etcd_scan(args: argparse.Namespace) -> int:
@@ -185,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": cmd_serve,
         "status": cmd_status,
         "check": cmd_check,
+        "doctor": cmd_doctor,
         "etcd": cmd_etcd_scan,
         "keys": cmd_keys_create if getattr(args, "keys_command", None) == "create" else cmd_keys_list,
     }

@@ -6,33 +6,17 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 
 from p11kms.apiserver_rules import encrypted_object_problems, status_problems
+from p11kms.checks import Check, verdict
 from p11kms.client import KmsClient
 from p11kms.kmsv2 import api_pb2
 
 # Latency targets from the Kubernetes KMS docs (spec 2.4); advisory, since load and network vary.
 ENCRYPT_TARGET_S = 0.100
 DECRYPT_TARGET_S = 0.010
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-    advisory: bool = False
-
-    def line(self) -> str:
-        verdict = "PASS" if self.passed else ("WARN" if self.advisory else "FAIL")
-        return f"{verdict} {self.name}: {self.detail}"
-
-
-def _verdict(name: str, problems: list[str], ok_detail: str) -> Check:
-    return Check(name, not problems, "; ".join(problems) if problems else ok_detail)
 
 
 def _timed(call: Callable[[], object]) -> tuple[object, float]:
@@ -49,9 +33,9 @@ def run_checks(client: KmsClient) -> list[Check]:
     except grpc.RpcError as exc:
         return [Check("status.call", False, f"{exc.code().name}: {exc.details()}")]
     checks.append(Check("status.call", True, f"version={status.version} key_id={status.key_id}"))
-    checks.append(_verdict("status.fields", status_problems(status.version, status.healthz, status.key_id),
+    checks.append(verdict("status.fields", status_problems(status.version, status.healthz, status.key_id),
                            "healthz 'ok', version accepted, key_id valid"))
-    checks.append(_verdict("status.version_stable",
+    checks.append(verdict("status.version_stable",
                            status_problems(again.version, "ok", again.key_id, first_version=status.version),
                            "same version on a second call"))
     seed = os.urandom(32)
@@ -64,14 +48,14 @@ def run_checks(client: KmsClient) -> list[Check]:
     annotations = dict(reply.annotations)
     checks += [
         Check("encrypt.call", True, f"{len(reply.ciphertext)}-byte ciphertext in {encrypt_s * 1000:.1f} ms"),
-        _verdict("encrypt.response", encrypted_object_problems(reply.ciphertext, reply.key_id, annotations),
+        verdict("encrypt.response", encrypted_object_problems(reply.ciphertext, reply.key_id, annotations),
                  "ciphertext and key_id within 1 KiB, annotations valid"),
-        _verdict("encrypt.key_id_matches_status",
+        verdict("encrypt.key_id_matches_status",
                  [] if reply.key_id == status.key_id else
                  [f"Encrypt key_id {reply.key_id!r} differs from Status key_id {status.key_id!r}: kube-apiserver "
                   "would throw the new DEK away and report the plugin unhealthy"],
                  "Encrypt key_id equals Status key_id"),
-        _verdict("encrypt.distinct_outputs",
+        verdict("encrypt.distinct_outputs",
                  [] if (reply.ciphertext, reply.key_id) != (second.ciphertext, second.key_id) else
                  ["two different plaintexts gave identical Encrypt output; kube-apiserver's DEK cache "
                   "needs distinct outputs for distinct plaintexts"],

@@ -1,0 +1,175 @@
+"""``p11kms doctor``: a pre-flight of everything on the node, each check with a one-line fix.
+
+It runs without the plugin: loads the module, finds the token, logs in once (a refused PIN is
+never tried again), inspects every configured key, runs one AES-GCM round trip, and checks the
+socket directory and, when given, kube-apiserver's EncryptionConfiguration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from p11kms.checks import Check, verdict
+from p11kms.config import ConfigError, PinError, PluginConfig, load_config, pin_source_warnings, read_pin
+from p11kms.hsm.errors import HsmError, LoginFailed, TokenNotFound
+from p11kms.hsm.keyident import key_uuid
+from p11kms.hsm.module import Pkcs11Module, load_module
+from p11kms.hsm.token import Token, open_token
+from p11kms.keyring import KeyringError, Role, build_keyring
+
+_AES = 0x1F
+
+
+def run_doctor(config_path: Path, encryption_config: Path | None = None) -> list[Check]:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [Check("config", False, str(exc), "correct the attribute on the line named")]
+    checks = [Check("config", True, f"{config_path}: primary {config.primary_key!r}, "
+                                    f"{len(config.secondary_keys)} secondary key(s)")]
+    checks += _pin_file_checks(config) + _socket_directory_checks(config) + _hsm_checks(config)
+    if encryption_config is not None:
+        checks += encryption_config_checks(encryption_config, config.socket)
+    return checks
+
+
+def _pin_file_checks(config: PluginConfig) -> list[Check]:
+    if config.pin_file is None:
+        return [Check("pin.source", True, f"environment variable {config.pin_env}")]
+    warnings = pin_source_warnings(config)
+    return [verdict("pin.source", warnings, f"{config.pin_file} readable by its owner only",
+                    f"chmod 600 {config.pin_file}")]
+
+
+def _socket_directory_checks(config: PluginConfig) -> list[Check]:
+    directory = config.socket.parent
+    if not directory.is_dir():
+        return [Check("socket.directory", False, f"{directory} does not exist",
+                      f"mkdir -m 0750 {directory} (and mount it into kube-apiserver)")]
+    mode = directory.stat().st_mode & 0o777
+    if mode & 0o002:
+        return [Check("socket.directory", False, f"{directory} has mode {mode:04o}: anyone can replace the socket",
+                      f"chmod o-w {directory}")]
+    return [Check("socket.directory", True, f"{directory} exists, mode {mode:04o}")]
+
+
+def _hsm_checks(config: PluginConfig) -> list[Check]:
+    try:
+        module = load_module(config.module)
+    except HsmError as exc:
+        return [Check("hsm.module", False, str(exc), "set PKCS11_Module to the vendor PKCS#11 library")]
+    locking = "serialised (the module cannot lock)" if module.serialized else "initialised with OS locking"
+    checks = [Check("hsm.module", True, f"{config.module} loaded, {locking}")]
+    try:
+        info = module.find_token(label=config.token_label, serial=config.token_serial, slot=config.slot)
+    except (TokenNotFound, HsmError) as exc:
+        return [*checks, Check("hsm.token", False, str(exc), "set Token_Label, Token_Serial or Slot to a token listed")]
+    checks.append(Check("hsm.token", True, f"slot {info.slot}: label {info.label!r}, serial {info.serial!r}, "
+                                           f"{info.manufacturer} {info.model}"))
+    checks.append(Check("hsm.mechanism", module.supports_gcm(info.slot), "CKM_AES_GCM for encrypt and decrypt",
+                        "use an HSM (or firmware/licence) that offers CKM_AES_GCM"))
+    try:
+        token = open_token(module, info, read_pin(config), pool_size=1)
+    except PinError as exc:
+        return [*checks, Check("hsm.login", False, str(exc), "make the PIN source readable by the plugin")]
+    except LoginFailed as exc:
+        return [*checks, Check("hsm.login", False, str(exc),
+                               "fix the PIN source; doctor tried it once and will not try again")]
+    except HsmError as exc:
+        return [*checks, Check("hsm.login", False, str(exc), "check the HSM connection")]
+    checks.append(Check("hsm.login", True, "user login accepted"))
+    try:
+        return checks + _key_checks(token, module, config)
+    finally:
+        token.close()
+
+
+def _key_checks(token: Token, module: Pkcs11Module, config: PluginConfig) -> list[Check]:
+    roles = [(config.primary_key, Role.PRIMARY)] + [(label, Role.SECONDARY) for label in config.secondary_keys]
+    checks = [_key_check(token, label, role) for label, role in roles]
+    if all(c.passed for c in checks):
+        try:
+            build_keyring(token, config.primary_key, config.secondary_keys).self_test()
+            checks.append(Check("aes_gcm.round_trip", True, f"encrypt and decrypt with {config.primary_key!r}"))
+        except (HsmError, KeyringError) as exc:
+            checks.append(Check("aes_gcm.round_trip", False, str(exc), "check the key's usage flags and the mechanism"))
+    return checks
+
+
+def _key_check(token: Token, label: str, role: Role) -> Check:
+    name = f"key.{role.value}[{label}]"
+    handles = token.find_secret_keys(label)
+    if not handles:
+        return Check(name, False, f"no secret key labelled {label!r}",
+                     f"create it (p11kms keys create --label {label}) or correct the label; never delete an old key "
+                     "that still protects data")
+    if len(handles) > 1:
+        return Check(name, False, f"{len(handles)} keys share the label {label!r}", "relabel or remove the extras")
+    attrs = token.key_attributes(handles[0])
+    problems = []
+    if attrs.key_type != _AES:
+        problems.append("not an AES key")
+    if attrs.sensitive is not True:
+        problems.append("CKA_SENSITIVE is not true")
+    if attrs.extractable is not False:
+        problems.append("CKA_EXTRACTABLE is not false")
+    if attrs.can_decrypt is False or (role is Role.PRIMARY and attrs.can_encrypt is False):
+        problems.append("encrypt/decrypt usage is not allowed")
+    if problems:
+        return verdict(name, problems, "", "create a new key with p11kms keys create, which sets these attributes")
+    uuid_value, source = key_uuid(token, attrs)
+    return Check(name, True, f"AES-{(attrs.value_len or 0) * 8}, sensitive, not extractable, uuid {uuid_value} "
+                             f"(from {source})")
+
+
+def encryption_config_checks(path: Path, socket: Path) -> list[Check]:
+    """Checks kube-apiserver's EncryptionConfiguration against the plugin's socket (spec 4.1)."""
+    try:
+        document: Any = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        return [Check("encryption_config", False, f"cannot read {path}: {exc}", "pass the file kube-apiserver uses")]
+    if not isinstance(document, dict) or document.get("kind") != "EncryptionConfiguration":
+        return [Check("encryption_config", False, f"{path} is not an EncryptionConfiguration",
+                      "pass the file named by kube-apiserver's --encryption-provider-config")]
+    endpoint = f"unix://{socket}"
+    entries = _provider_lists(document)
+    ours = [(resources, index, kms) for resources, providers in entries for index, provider in enumerate(providers)
+            if isinstance(kms := provider.get("kms"), dict) and kms.get("endpoint") == endpoint]
+    if not ours:
+        found = sorted({str(kms.get("endpoint")) for _, providers in entries for provider in providers
+                        if isinstance(kms := provider.get("kms"), dict)})
+        return [Check("encryption_config.endpoint", False,
+                      f"no kms provider has endpoint {endpoint} (found: {', '.join(found) or 'no kms provider'})",
+                      f"set endpoint: {endpoint}")]
+    checks = [Check("encryption_config.endpoint", True, f"kms provider with endpoint {endpoint}")]
+    for resources, index, kms in ours:
+        where = f"[{','.join(resources)}]"
+        name = str(kms.get("name", ""))
+        checks += [
+            verdict(f"encryption_config.api_version{where}",
+                    [] if kms.get("apiVersion") == "v2" else [f"apiVersion is {kms.get('apiVersion', 'absent (v1)')}"],
+                    "apiVersion: v2", "add apiVersion: v2 (the default is v1)"),
+            verdict(f"encryption_config.name{where}",
+                    [] if name and ":" not in name else [f"name {name!r} is empty or contains ':'"],
+                    f"name {name!r}", "choose a name without ':' and never change it afterwards"),
+            verdict(f"encryption_config.cachesize{where}",
+                    ["cachesize is set; kube-apiserver rejects it for v2"] if "cachesize" in kms else [],
+                    "no cachesize", "remove cachesize"),
+            Check(f"encryption_config.order{where}", index == 0,
+                  "the kms provider is first, so new writes are encrypted" if index == 0 else
+                  f"the kms provider is number {index + 1}; writes use the first provider",
+                  "move the kms provider first", advisory=True),
+        ]
+    return checks
+
+
+def _provider_lists(document: dict[str, Any]) -> list[tuple[list[str], list[dict[str, Any]]]]:
+    lists = []
+    for entry in document.get("resources") or []:
+        if isinstance(entry, dict):
+            providers = [p for p in entry.get("providers") or [] if isinstance(p, dict)]
+            lists.append(([str(r) for r in entry.get("resources") or []], providers))
+    return lists
