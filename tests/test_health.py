@@ -80,5 +80,5 @@ def test_concurrent_callers_do_not_queue_on_a_slow_probe() -> None:
 def test_causes_are_named() -> None:
     assert "check the PIN source" in describe_failure(LoginFailed("x", ckr=ck.CKR_PIN_INCORRECT))
     assert describe_failure(TokenNotFound("x")) == "hsm token absent"
-    assert describe_failure(KeyNotFound("x")) == "primary key missing from the hsm"
+    assert describe_failure(KeyNotFound("x")) == "a configured key is missing from the hsm"
     assert describe_failure(RuntimeError("boom")) == "health probe failed (RuntimeError)"

@@ -31,7 +31,7 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, TokenNotFound):
         return "hsm token absent"
     if isinstance(exc, KeyNotFound):
-        return "primary key missing from the hsm"
+        return "a configured key is missing from the hsm"
     if isinstance(exc, KeyNotUsable):
         return f"primary key unusable ({exc.ckr_name})"
     if isinstance(exc, HsmUnavailable):
