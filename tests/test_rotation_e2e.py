@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from p11kms.etcd import EtcdClient
+from p11kms.etcd import EtcdClient, KeyValue
 from tests.support import HsmEnv, PluginProcess, Standin, start_plugin, start_standin
 
 Keys = Callable[[], tuple[str, str]]
@@ -51,6 +51,14 @@ class Cluster:
 
     def secret_key(self, namespace: str, name: str) -> str:
         return f"{self.prefix}/secrets/{namespace}/{name}"
+
+    def create_secret(self, name: str) -> KeyValue:
+        """Creates a secret with kubectl and returns what etcd then holds for it."""
+        created = self.api.kubectl("create", "secret", "generic", name, "--from-literal=a=1")
+        assert created.returncode == 0, created.stderr
+        stored = EtcdClient([self.etcd]).get(self.secret_key("default", name).encode())
+        assert stored is not None
+        return stored
 
     def scan(self, *args: str) -> subprocess.CompletedProcess[str]:
         return p11kms("etcd", "scan", "--endpoints", self.etcd, "--prefix", self.prefix + "/", *args)
@@ -119,22 +127,17 @@ def test_rotation_by_the_seed_procedure(cluster: tuple[Cluster, str], new_key: K
 
 def test_replace_rewrites_only_stale_values(cluster: tuple[Cluster, str]) -> None:
     env, _ = cluster
-    api = env.api
-    assert api.kubectl("create", "secret", "generic", "steady", "--from-literal=a=1").returncode == 0
-    key = env.secret_key("default", "steady").encode()
-    revision = EtcdClient([env.etcd]).get(key)
-    assert api.shell(REENCRYPT).returncode == 0
+    stored = env.create_secret("steady")
+    assert env.api.shell(REENCRYPT).returncode == 0
     # Same key_id, same content: kube-apiserver (and the stand-in) skip the write (spec 4.4).
-    assert EtcdClient([env.etcd]).get(key) == revision
+    assert EtcdClient([env.etcd]).get(stored.key) == stored
 
 
 def test_force_deletes_and_recreates_every_object(cluster: tuple[Cluster, str]) -> None:
     """Why the project's guide leaves out the vendor's --force: objects get new UIDs."""
     env, _ = cluster
     api = env.api
-    assert api.kubectl("create", "secret", "generic", "forced", "--from-literal=a=1").returncode == 0
-    key = env.secret_key("default", "forced").encode()
-    created_at = EtcdClient([env.etcd]).get(key)
+    created_at = env.create_secret("forced")
     uids_before = _uids(api)
     forced = api.shell(REENCRYPT.replace("replace", "replace --force"))
     assert forced.returncode == 0, forced.stderr
@@ -142,8 +145,8 @@ def test_force_deletes_and_recreates_every_object(cluster: tuple[Cluster, str]) 
     uids_after = _uids(api)
     assert uids_after.keys() == uids_before.keys()
     assert all(uids_after[name] != uids_before[name] for name in uids_before)
-    recreated = EtcdClient([env.etcd]).get(key)
-    assert created_at is not None and recreated is not None
+    recreated = EtcdClient([env.etcd]).get(created_at.key)
+    assert recreated is not None
     assert recreated.create_revision > created_at.create_revision  # a new object, not an update
 
 

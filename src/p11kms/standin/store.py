@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from p11kms.etcd import EtcdClient
+from p11kms.etcd import EtcdClient, KeyValue
 from p11kms.standin.kms import KmsEnvelope
 
 Obj = dict[str, Any]
@@ -28,6 +28,11 @@ def _canonical(obj: Obj) -> bytes:
     stored = json.loads(json.dumps(obj))
     stored.get("metadata", {}).pop("resourceVersion", None)
     return json.dumps(stored, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _conflict(name: str) -> ApiError:
+    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on secrets "{name}": the object has been '
+                    "modified; please apply your changes to the latest version and try again")
 
 
 def _merge_string_data(obj: Obj) -> None:
@@ -72,12 +77,17 @@ class SecretStore:
         self.writes += 1
         return _with_version(plaintext, revision)
 
-    def get(self, namespace: str, name: str) -> Obj:
+    def _read(self, namespace: str, name: str) -> tuple[bytes, KeyValue, bytes, bool]:
+        """The etcd key, the stored value, its decrypted bytes and whether it is stale."""
         key = self.key(namespace, name)
         stored = self.etcd.get(key)
         if stored is None:
             raise ApiError(404, "NotFound", f'secrets "{name}" not found')
-        plaintext, _ = self.kms.open(stored.value, key)
+        plaintext, stale = self.kms.open(stored.value, key)
+        return key, stored, plaintext, stale
+
+    def get(self, namespace: str, name: str) -> Obj:
+        _, stored, plaintext, _ = self._read(namespace, name)
         return _with_version(plaintext, stored.mod_revision)
 
     def list(self, namespace: str | None) -> tuple[list[Obj], int]:
@@ -91,15 +101,10 @@ class SecretStore:
         return items, revision
 
     def replace(self, namespace: str, name: str, obj: Obj) -> Obj:
-        key = self.key(namespace, name)
-        stored = self.etcd.get(key)
-        if stored is None:
-            raise ApiError(404, "NotFound", f'secrets "{name}" not found')
+        key, stored, old_plaintext, stale = self._read(namespace, name)
         wanted = obj.get("metadata", {}).get("resourceVersion")
         if wanted and int(wanted) != stored.mod_revision:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on secrets "{name}": the object has '
-                           "been modified; please apply your changes to the latest version and try again")
-        old_plaintext, stale = self.kms.open(stored.value, key)
+            raise _conflict(name)
         old = json.loads(old_plaintext)
         # Server-owned fields keep their stored values, as in kube-apiserver.
         for field in ("uid", "creationTimestamp", "namespace", "name"):
@@ -111,17 +116,12 @@ class SecretStore:
             return _with_version(old_plaintext, stored.mod_revision)  # nothing to rewrite (spec 4.4)
         revision = self.etcd.put_if(key, self.kms.seal(plaintext, key), mod_revision=stored.mod_revision)
         if revision is None:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on secrets "{name}": the object has '
-                           "been modified; please apply your changes to the latest version and try again")
+            raise _conflict(name)
         self.writes += 1
         return _with_version(plaintext, revision)
 
     def delete(self, namespace: str, name: str) -> Obj:
-        key = self.key(namespace, name)
-        stored = self.etcd.get(key)
-        if stored is None:
-            raise ApiError(404, "NotFound", f'secrets "{name}" not found')
-        plaintext, _ = self.kms.open(stored.value, key)
+        key, stored, plaintext, _ = self._read(namespace, name)
         if not self.etcd.delete_if(key, mod_revision=stored.mod_revision):
-            raise ApiError(409, "Conflict", f'secrets "{name}" changed while being deleted')
+            raise _conflict(name)
         return _with_version(plaintext, stored.mod_revision)
