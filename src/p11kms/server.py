@@ -27,7 +27,7 @@ from p11kms.supervisor import KeyringSupervisor, log_keyring
 
 # Settings read once at start; the rest (the key labels, log level) follow a SIGHUP reload.
 _RESTART_ONLY = ("module", "token_label", "token_serial", "slot", "pin_file", "pin_env", "socket",
-                 "socket_mode", "socket_group", "sessions", "health_interval", "log_format")
+                 "socket_mode", "socket_group", "sessions", "health_interval", "log_format", "http_address")
 
 
 class SocketInUse(Exception):

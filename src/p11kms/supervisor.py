@@ -223,17 +223,22 @@ class KeyringSupervisor:
                 return  # an older failure, or recovery already under way
         self._mark_down(exc, "hsm failure; reconnecting")
 
-    def _mark_down(self, exc: BaseException, message: str) -> None:
+    def _record_failure(self, exc: BaseException) -> bool:
+        """Marks the HSM down with the cause of ``exc``; returns True when the PIN was refused."""
         refused = isinstance(exc, LoginFailed | PinError)
         with self._lock:
             self._state = HsmState.LOGIN_REFUSED if refused else HsmState.RECOVERING
             self._cause = describe_failure(exc)
             if refused:
                 self._pin_fingerprint = self._pin_source_fingerprint()
+        self._observer.hsm_state(self._state.value)
+        return refused
+
+    def _mark_down(self, exc: BaseException, message: str) -> None:
+        refused = self._record_failure(exc)
         hint = ("not retrying on a timer: fix the PIN source (a change is noticed) or send SIGHUP"
                 if refused else "retrying with back-off")
         log_event(self._log, logging.ERROR, message, error=str(exc), cause=self._cause, next=hint)
-        self._observer.hsm_state(self._state.value)
         if not refused:
             self._wake.set()  # start reconnecting now; a refused login waits for a reason to retry
 
@@ -298,16 +303,10 @@ class KeyringSupervisor:
                 self._connect(fresh=False)
             except (HsmError, KeyringError, PinError) as exc:
                 previous = self._cause
-                refused = isinstance(exc, LoginFailed | PinError)
-                with self._lock:
-                    self._cause = describe_failure(exc)
-                    if refused:
-                        self._state = HsmState.LOGIN_REFUSED
-                        self._pin_fingerprint = self._pin_source_fingerprint()
-                if self._cause != previous or refused:
+                refused = self._record_failure(exc)
+                if self._cause != previous or refused:  # one line per new cause, not one per back-off round
                     log_event(self._log, logging.ERROR, "hsm reconnect failed", error=str(exc), cause=self._cause)
                 self._observer.reconnect_attempt(succeeded=False)
-                self._observer.hsm_state(self._state.value)
                 return False
         self._observer.reconnect_attempt(succeeded=True)
         log_event(self._log, logging.INFO, "hsm reconnected", attempts=self.reconnects,
