@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -209,3 +210,15 @@ def test_a_pin_file_others_can_read_is_warned_about(run_plugin: Run, hsm_env: Hs
     assert (f"has mode {mode:04o}" in plugin.log()) is warned
     if warned:
         assert f"chmod 600 {pin_file}" in plugin.log()
+
+
+def test_json_logs_carry_the_key_lines(run_plugin: Run, new_key: Keys) -> None:
+    label, key_uuid = new_key()
+    plugin = run_plugin(label, Log_Format="json")
+    plugin.client().status()
+    plugin.stop()
+    records = [json.loads(line) for line in plugin.log().splitlines() if line.strip()]
+    keys = [r for r in records if r["msg"] == "keyring loaded: key"]
+    assert keys == [{"ts": keys[0]["ts"], "level": "info", "msg": "keyring loaded: key", "role": "primary",
+                     "label": label, "uuid": key_uuid, "uuid_source": "cka_id"}]
+    assert {r["msg"] for r in records} >= {"serving KMS v2", "stopped"}

@@ -122,8 +122,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             attrs = token.key_attributes(handle)
             if attrs.key_type != 0x1F:  # only AES keys can be KEKs
                 continue
-            uuid_value, source = key_uuid(token, attrs)
-            rows.append((attrs.label, str(uuid_value), roles.get(attrs.label, "-"), source))
+            try:
+                uuid_value, source = key_uuid(token, attrs)
+                uuid_text = str(uuid_value)
+            except HsmError as exc:  # e.g. a foreign decrypt-only key: no fingerprint can be computed
+                uuid_text, source = "-", f"unavailable ({exc.ckr_name})"
+            rows.append((attrs.label, uuid_text, roles.get(attrs.label, "-"), source))
     finally:
         token.close()
     print(f"{'LABEL':<24} {'UUID':<36} {'ROLE':<10} UUID_SOURCE")
