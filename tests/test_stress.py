@@ -11,6 +11,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from p11kms.client import KmsClient
 from tests.support import PluginProcess
@@ -20,8 +22,15 @@ CALLERS_PER_PROCESS = 16
 CALLS_PER_CALLER = 1000  # alternating Encrypt and Decrypt
 
 
-def _caller_process(socket: str, key_id: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    tally = {"ok": 0, "wrong": 0, "errors": []}
+@dataclass
+class Tally:
+    ok: int = 0
+    wrong: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _caller_process(socket: str, key_id: str, results: Any) -> None:
+    tally = Tally()
     lock = threading.Lock()
 
     def caller() -> None:
@@ -33,10 +42,13 @@ def _caller_process(socket: str, key_id: str, results: multiprocessing.Queue) ->
                     right = reply.key_id == key_id and client.decrypt(reply.ciphertext, reply.key_id) == seed
                 except Exception as exc:  # counted and reported, never swallowed
                     with lock:
-                        tally["errors"].append(repr(exc)[:200])  # type: ignore[attr-defined]
+                        tally.errors.append(repr(exc)[:200])
                     continue
                 with lock:
-                    tally["ok" if right else "wrong"] += 2  # type: ignore[operator]
+                    if right:
+                        tally.ok += 2
+                    else:
+                        tally.wrong += 2
 
     threads = [threading.Thread(target=caller) for _ in range(CALLERS_PER_PROCESS)]
     for thread in threads:
@@ -61,9 +73,9 @@ def test_64_callers_x_1000_calls(run_plugin: Callable[..., PluginProcess],
     for process in processes:
         process.join(30)
     elapsed = time.monotonic() - started
-    ok = sum(t["ok"] for t in tallies)
-    wrong = sum(t["wrong"] for t in tallies)
-    errors = [e for t in tallies for e in t["errors"]]
+    ok = sum(t.ok for t in tallies)
+    wrong = sum(t.wrong for t in tallies)
+    errors = [e for t in tallies for e in t.errors]
     total = CALLER_PROCESSES * CALLERS_PER_PROCESS * CALLS_PER_CALLER
     print(f"\nstress: {total} calls in {elapsed:.1f}s = {total / elapsed:.0f} calls/s (memory: bench/soak.py)")
     assert errors == [] and wrong == 0 and ok == total
