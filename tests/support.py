@@ -142,20 +142,26 @@ class EtcdServer:
     proc: subprocess.Popen[bytes]
 
 
-def start_etcd(directory: Path) -> EtcdServer:
-    """A real etcd (Debian etcd-server) on loopback with its own data directory."""
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+def start_etcd(directory: Path, tls: dict[str, Path] | None = None) -> EtcdServer:
+    """A real etcd (Debian etcd-server) on loopback with its own data directory; with ``tls``
+    (paths from tests.tls_certs.make_pki) it serves HTTPS and requires client certificates."""
+    scheme = "https" if tls else "http"
+    client, peer = f"{scheme}://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    tls_flags = ["--cert-file", str(tls["server_cert"]), "--key-file", str(tls["server_key"]),
+                 "--client-cert-auth", "--trusted-ca-file", str(tls["ca"])] if tls else []
     with (directory / "etcd.log").open("wb") as log:
         proc = subprocess.Popen(
             ["etcd", "--name", "p11kms-test", "--data-dir", str(directory / "data"),
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"p11kms-test={peer}"],
+             "--initial-cluster", f"p11kms-test={peer}", *tls_flags],
             stdout=log, stderr=subprocess.STDOUT)
+    credentials = ({"cacert": str(tls["ca"]), "cert": str(tls["client_cert"]), "key": str(tls["client_key"])}
+                   if tls else {})
     end = time.monotonic() + 30
     while time.monotonic() < end:
         try:
-            EtcdClient([client], timeout=1).revision()
+            EtcdClient([client], timeout=1, **credentials).revision()
             return EtcdServer(client, proc)
         except EtcdError:
             if proc.poll() is not None:

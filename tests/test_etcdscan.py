@@ -119,3 +119,26 @@ def test_unreachable_etcd_is_a_clear_error() -> None:
 ])
 def test_resource_of(key: bytes, resource: str) -> None:
     assert resource_of(key, b"/registry/") == resource
+
+
+def test_scan_over_client_certificate_tls(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A real etcd that requires client certificates, as on a kubeadm control plane."""
+    from tests.support import start_etcd
+    from tests.tls_certs import make_pki
+
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    server = start_etcd(tmp_path_factory.mktemp("etcd-tls"), tls=pki)
+    try:
+        client = EtcdClient([server.url], cacert=str(pki["ca"]), cert=str(pki["client_cert"]),
+                            key=str(pki["client_key"]))
+        key = b"/registry/secrets/default/tls-secret"
+        client.put_if(key, kms_value(NEW, key), mod_revision=0)
+        tls_args = ["--cacert", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key", str(pki["client_key"])]
+        result = run_scan(server.url, *tls_args, "--require", NEW)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"key={NEW} objects=1" in result.stdout
+        refused = run_scan(server.url, "--cacert", str(pki["ca"]))  # no client certificate
+        assert refused.returncode == 1 and "no etcd endpoint answered" in refused.stderr
+    finally:
+        server.proc.terminate()
+        server.proc.wait(20)
