@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # the plugin, and the test harness the benchmarks share
 
 from p11kms.client import KmsClient  # noqa: E402 - after the path set-up above
 from p11kms.devenv import find_softhsm_module, write_softhsm_conf  # noqa: E402
@@ -17,6 +17,7 @@ from p11kms.hsm.keyident import create_kek  # noqa: E402
 from p11kms.hsm.module import load_module  # noqa: E402
 from p11kms.hsm.provision import init_token  # noqa: E402
 from p11kms.hsm.token import open_token  # noqa: E402
+from tests.support import RemoteHsm, p11kit_remote  # noqa: E402
 
 TOKEN, USER_PIN, SO_PIN = "p11kms-bench", "bench-user-pin-1", "bench-so-pin-1"
 
@@ -37,15 +38,10 @@ def make_token(directory: Path, labels: tuple[str, ...]) -> tuple[dict[str, str]
     return dict(os.environ, SOFTHSM2_CONF=str(conf)), softhsm, pin
 
 
-def p11kit_client_module() -> Path:
-    return next((ROOT / ".cache" / "p11kit").glob("lib*/**/pkcs11/p11-kit-client.so"))
-
-
-def build_fault_module(directory: Path) -> Path:
-    target = directory / "p11fault.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-I/usr/include/p11-kit-1", "-o", str(target),
-                    str(ROOT / "tests" / "faultmodule" / "p11fault.c"), "-ldl", "-lpthread"], check=True)
-    return target
+def remote_hsm(directory: Path, env: dict[str, str], softhsm: str) -> tuple[RemoteHsm, dict[str, str]]:
+    """A `p11-kit server` for the bench token, and the plugin environment that reaches it."""
+    hsm = p11kit_remote(directory, softhsm, TOKEN, env)
+    return hsm, dict(hsm.env, **hsm.client_env())
 
 
 def write_config(directory: Path, module: str | Path, pin: Path, **extra: str) -> Path:

@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _env import ROOT, TOKEN, healthz, make_token, p11kit_client_module, start_plugin, write_config
+from _env import healthz, make_token, remote_hsm, start_plugin, write_config
 
 
 def _rss_kib(pid: int) -> int:
@@ -97,35 +96,12 @@ def _caller_process(socket: str, threads: int, total: int, counter: Any, results
     results.put(tally)
 
 
-class Hsm:
-    def __init__(self, env: dict[str, str], softhsm: str, socket: Path) -> None:
-        self.env, self.softhsm, self.socket = env, softhsm, socket
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.socket.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [str(ROOT / ".cache" / "p11kit" / "bin" / "p11-kit"), "server", "-f", "-n", str(self.socket),
-             "--provider", self.softhsm, f"pkcs11:token={TOKEN}"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        while not self.socket.exists():
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
 def run(callers: int, calls: int, processes: int) -> dict[str, object]:
     directory = Path(tempfile.mkdtemp(prefix="p11kms-soak-"))
     env, softhsm, pin = make_token(directory, ("bench-kek-1", "bench-kek-2"))
-    client_module = p11kit_client_module()
-    env.update(LD_LIBRARY_PATH=str(client_module.parent.parent),
-               P11_KIT_SERVER_ADDRESS=f"unix:path={directory / 'hsm.sock'}")
-    hsm = Hsm(env, softhsm, directory / "hsm.sock")
+    hsm, env = remote_hsm(directory, env, softhsm)
     hsm.start()
-    config = write_config(directory, client_module, pin, Sessions="16")
+    config = write_config(directory, hsm.client_module, pin, Sessions="16")
     plugin = start_plugin(config, env, directory / "plugin.log")
     rss_before = _rss_kib(plugin.pid)
     context = multiprocessing.get_context("spawn")

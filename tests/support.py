@@ -275,24 +275,25 @@ def p11kit_prefix() -> Path:
 
 @dataclass
 class RemoteHsm:
-    """A `p11-kit server` process exporting the SoftHSM2 test token over a Unix socket."""
+    """A `p11-kit server` process exporting a SoftHSM2 token over a Unix socket: a real remote HSM."""
 
     socket: Path
     client_module: Path
+    softhsm_module: str
+    token_label: str
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        prefix = p11kit_prefix()
         self.socket.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [str(prefix / "bin" / "p11-kit"), "server", "-f", "-n", str(self.socket), "--provider",
-             self.env["P11KMS_SOFTHSM_MODULE"], f"pkcs11:token={TOKEN_LABEL}"],
+            [str(p11kit_prefix() / "bin" / "p11-kit"), "server", "-f", "-n", str(self.socket), "--provider",
+             self.softhsm_module, f"pkcs11:token={self.token_label}"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)  # its per-client helpers join this process group
         end = time.monotonic() + 10
         while not self.socket.exists() and time.monotonic() < end:
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert self.socket.exists(), "p11-kit server did not create its socket"
 
     def kill(self) -> None:
@@ -306,10 +307,13 @@ class RemoteHsm:
         return {"P11_KIT_SERVER_ADDRESS": f"unix:path={self.socket}"}
 
 
-def remote_hsm(env: HsmEnv, directory: Path) -> RemoteHsm:
-    prefix = p11kit_prefix()
-    clients = sorted(prefix.glob("lib*/**/pkcs11/p11-kit-client.so"))
+def p11kit_remote(directory: Path, softhsm_module: str, token_label: str, base_env: dict[str, str]) -> RemoteHsm:
+    """A remote HSM for ``token_label``, served from ``directory/hsm.sock`` by p11-kit 0.25."""
+    clients = sorted(p11kit_prefix().glob("lib*/**/pkcs11/p11-kit-client.so"))
     assert clients, "p11-kit 0.25 is missing: run scripts/build-p11kit.sh (scripts/setup.sh --dev does)"
-    libs = ":".join(str(p.parent.parent) for p in clients)
-    server_env = env.process_env(LD_LIBRARY_PATH=libs, P11KMS_SOFTHSM_MODULE=env.module)
-    return RemoteHsm(directory / "hsm.sock", clients[0], server_env)
+    server_env = dict(base_env, LD_LIBRARY_PATH=":".join(str(p.parent.parent) for p in clients))
+    return RemoteHsm(directory / "hsm.sock", clients[0], softhsm_module, token_label, server_env)
+
+
+def remote_hsm(env: HsmEnv, directory: Path) -> RemoteHsm:
+    return p11kit_remote(directory, env.module, TOKEN_LABEL, env.process_env())
