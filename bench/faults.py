@@ -9,6 +9,7 @@ Prints one row per fault; docs/reliability.md records a run.
 
 from __future__ import annotations
 
+import functools
 import signal
 import tempfile
 import threading
@@ -101,7 +102,7 @@ def main() -> None:
     print(drill("login lost (once)", socket, lambda: faults.set("fail C_DecryptInit 0x101 1"), faults.set))
     for code, label in ((0x30, "CKR_DEVICE_ERROR"), (0x32, "CKR_DEVICE_REMOVED"), (0xE0, "CKR_TOKEN_NOT_PRESENT")):
         print(drill(f"{label} for {HOLD:.0f}s", socket,
-                    lambda code=code: faults.set(*(f"fail {f} {code:#x} -1" for f in EVERYTHING)),
+                    functools.partial(faults.set, *(f"fail {f} {code:#x} -1" for f in EVERYTHING)),
                     faults.set))
     plugin.send_signal(signal.SIGTERM)
     plugin.wait()
