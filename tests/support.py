@@ -62,6 +62,18 @@ class HsmEnv:
         return path
 
 
+def pkcs11_tool_keygen(env: HsmEnv, label: str, key_type: str = "AES:32", cka_id: str | None = None) -> None:
+    """Makes a key with OpenSC's pkcs11-tool, a foreign tool, on the test token.
+
+    pkcs11-tool only takes the PIN as an argument; that is the foreign tool's way, not p11kms's.
+    """
+    command = ["pkcs11-tool", "--module", env.module, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN,
+               "--keygen", "--key-type", key_type, "--label", label]
+    if cka_id is not None:
+        command += ["--id", cka_id]
+    subprocess.run(command, env=env.process_env(), check=True, capture_output=True, timeout=30)
+
+
 @dataclass
 class PluginProcess:
     """A ``p11kms serve`` OS process and the socket it serves on."""

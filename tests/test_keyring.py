@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -20,7 +19,7 @@ from p11kms.keyring import (
     UnsuitableKey,
     build_keyring,
 )
-from tests.support import TOKEN_LABEL, USER_PIN, HsmEnv, unique_label
+from tests.support import HsmEnv, pkcs11_tool_keygen, unique_label
 
 Keys = Callable[[], tuple[str, str]]
 
@@ -93,26 +92,13 @@ def test_self_test_passes_on_a_healthy_token(token: Token, new_key: Keys) -> Non
 def test_duplicate_label_is_refused(hsm_env: HsmEnv, token: Token) -> None:
     label = unique_label("dup")
     token.generate_aes256_key(label, b"first")
-    _second_key_with_same_label(hsm_env, label)
+    pkcs11_tool_keygen(hsm_env, label)  # p11kms refuses a second key with a label; a foreign tool does not
     with pytest.raises(DuplicateKeyLabel, match="exactly one key"):
         build_keyring(token, label, [])
 
 
 def test_a_non_aes_key_is_unsuitable(hsm_env: HsmEnv, token: Token) -> None:
     label = unique_label("generic")
-    subprocess.run(
-        ["pkcs11-tool", "--module", hsm_env.module, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN,
-         "--keygen", "--key-type", "GENERIC:32", "--label", label],
-        env=hsm_env.process_env(), check=True, capture_output=True, timeout=30,
-    )
+    pkcs11_tool_keygen(hsm_env, label, key_type="GENERIC:32")
     with pytest.raises(UnsuitableKey, match="not an AES key"):
         build_keyring(token, label, [])
-
-
-def _second_key_with_same_label(hsm_env: HsmEnv, label: str) -> None:
-    # p11kms refuses to create a second key with a label, so a foreign tool makes the duplicate.
-    subprocess.run(
-        ["pkcs11-tool", "--module", hsm_env.module, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN,
-         "--keygen", "--key-type", "AES:32", "--label", label],
-        env=hsm_env.process_env(), check=True, capture_output=True, timeout=30,
-    )

@@ -18,6 +18,7 @@ from p11kms.doctor import run_doctor
 from p11kms.etcd import EtcdClient, EtcdError
 from p11kms.etcdscan import describe_value, scan
 from p11kms.etcdscan_report import render_json, render_text
+from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError
 from p11kms.hsm.keyident import create_kek, key_uuid
 from p11kms.keyring import KeyringError
@@ -120,7 +121,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         rows = []
         for handle in token.find_secret_keys():
             attrs = token.key_attributes(handle)
-            if attrs.key_type != 0x1F:  # only AES keys can be KEKs
+            if attrs.key_type != ck.CKK_AES:  # only AES keys can be KEKs
                 continue
             try:
                 uuid_value, source = key_uuid(token, attrs)

@@ -14,13 +14,12 @@ import yaml
 
 from p11kms.checks import Check, verdict
 from p11kms.config import ConfigError, PinError, PluginConfig, load_config, pin_source_warnings, read_pin
+from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError, LoginFailed, TokenNotFound
 from p11kms.hsm.keyident import key_uuid
 from p11kms.hsm.module import Pkcs11Module, load_module
 from p11kms.hsm.token import Token, open_token
 from p11kms.keyring import KeyringError, Role, build_keyring
-
-_AES = 0x1F
 
 
 def run_doctor(config_path: Path, encryption_config: Path | None = None) -> list[Check]:
@@ -110,7 +109,7 @@ def _key_check(token: Token, label: str, role: Role) -> Check:
         return Check(name, False, f"{len(handles)} keys share the label {label!r}", "relabel or remove the extras")
     attrs = token.key_attributes(handles[0])
     problems = []
-    if attrs.key_type != _AES:
+    if attrs.key_type != ck.CKK_AES:
         problems.append("not an AES key")
     if attrs.sensitive is not True:
         problems.append("CKA_SENSITIVE is not true")

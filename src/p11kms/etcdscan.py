@@ -34,11 +34,15 @@ class ScanReport:
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     off_key: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # resource -> keys
 
+    def by_key(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Object counts per resource, grouped by (provider, key UUID)."""
+        grouped: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+        for (provider, key_id, resource), count in self.kms.items():
+            grouped[(provider, key_id)][resource] = count
+        return dict(grouped)
+
     def key_ids(self) -> Counter[tuple[str, str]]:
-        totals: Counter[tuple[str, str]] = Counter()
-        for (provider, key_id, _), count in self.kms.items():
-            totals[(provider, key_id)] += count
-        return totals
+        return Counter({key: sum(resources.values()) for key, resources in self.by_key().items()})
 
     def encrypted_resources(self) -> set[str]:
         return {resource for (_, _, resource) in self.kms}

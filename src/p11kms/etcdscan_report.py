@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from p11kms.etcdscan import ScanReport
 
@@ -14,9 +14,7 @@ def _per_resource(counts: dict[str, int]) -> str:
 
 def render_text(report: ScanReport) -> str:
     lines = [f"etcd revision {report.revision}, prefix {report.prefix}: {report.scanned} keys scanned", ""]
-    by_key: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
-    for (provider, key_id, resource), count in report.kms.items():
-        by_key[(provider, key_id)][resource] = count
+    by_key = report.by_key()
     lines.append("KMS v2 objects by provider and key UUID:")
     if not by_key:
         lines.append("  none")
@@ -37,15 +35,13 @@ def render_text(report: ScanReport) -> str:
 
 
 def render_json(report: ScanReport) -> str:
-    totals: Counter[tuple[str, str]] = report.key_ids()
     document = {
         "revision": report.revision,
         "prefix": report.prefix,
         "scanned": report.scanned,
         "kms_v2": [
-            {"provider": provider, "key_id": key_id, "objects": count,
-             "resources": {r: n for (p, k, r), n in report.kms.items() if (p, k) == (provider, key_id)}}
-            for (provider, key_id), count in sorted(totals.items())
+            {"provider": provider, "key_id": key_id, "objects": sum(resources.values()), "resources": resources}
+            for (provider, key_id), resources in sorted(report.by_key().items())
         ],
         "other": [{"kind": kind, "resource": resource, "objects": count}
                   for (kind, resource), count in sorted(report.other.items())],

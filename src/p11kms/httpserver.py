@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+@dataclass(frozen=True)
 class ProbeSource:
     """What the endpoints read; provided by the server layer."""
 
-    def __init__(self, serving: Callable[[], bool], healthz: Callable[[], str], details: Callable[[], dict[str, Any]],
-                 metrics: Callable[[], bytes] | None) -> None:
-        self.serving, self.healthz, self.details, self.metrics = serving, healthz, details, metrics
+    serving: Callable[[], bool]
+    healthz: Callable[[], str]
+    details: Callable[[], dict[str, Any]]
+    metrics: Callable[[], bytes] | None
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -15,6 +15,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import (
     AmbiguousDecryptFailure,
     CiphertextRejected,
@@ -29,7 +30,6 @@ FORMAT_V1 = 0x01
 MAX_CIPHERTEXT_BYTES = 1024  # kube-apiserver rejects longer ciphertexts (spec 2.4)
 OVERHEAD_BYTES = 1 + GCM_IV_BYTES + GCM_TAG_BYTES
 MAX_PLAINTEXT_BYTES = MAX_CIPHERTEXT_BYTES - OVERHEAD_BYTES
-_AES_KEY_TYPE = 0x1F
 _SELF_TEST_PLAINTEXT = bytes(32)
 
 
@@ -174,7 +174,7 @@ def resolve_kek(token: Token, label: str, role: Role) -> Kek:
     handle = token.find_one_secret_key(label)
     attrs = token.key_attributes(handle)
     problems = []
-    if attrs.key_type != _AES_KEY_TYPE:
+    if attrs.key_type != ck.CKK_AES:
         problems.append("it is not an AES key")
     if attrs.can_decrypt is False:
         problems.append("CKA_DECRYPT is false")

@@ -10,18 +10,9 @@ import pytest
 
 from p11kms.hsm.keyident import key_uuid, uuid_from_cka_id
 from p11kms.hsm.token import Token
-from tests.support import TOKEN_LABEL, USER_PIN, HsmEnv, unique_label
+from tests.support import TOKEN_LABEL, USER_PIN, HsmEnv, pkcs11_tool_keygen, unique_label
 
 Keys = Callable[[], tuple[str, str]]
-
-
-def pkcs11_tool_keygen(env: HsmEnv, label: str, cka_id: str = "0a0b0c") -> None:
-    # pkcs11-tool only takes the PIN as an argument; this is the foreign tool under test, not p11kms.
-    subprocess.run(
-        ["pkcs11-tool", "--module", env.module, "--token-label", TOKEN_LABEL, "--login", "--pin", USER_PIN,
-         "--keygen", "--key-type", "AES:32", "--label", label, "--id", cka_id],
-        env=env.process_env(), check=True, capture_output=True, timeout=30,
-    )
 
 
 def uuid_in_fresh_process(env: HsmEnv, label: str) -> str:
@@ -52,7 +43,7 @@ def test_p11kms_keys_carry_their_uuid_in_cka_id(token: Token, new_key: Keys) -> 
 @pytest.mark.usefixtures("require_pkcs11_tool")
 def test_foreign_key_gets_a_stable_uuid_across_processes(hsm_env: HsmEnv, token: Token) -> None:
     label = unique_label("tool")
-    pkcs11_tool_keygen(hsm_env, label)
+    pkcs11_tool_keygen(hsm_env, label, cka_id="0a0b0c")
     attrs = token.key_attributes(token.find_one_secret_key(label))
     here, source = key_uuid(token, attrs)
     assert source == "fingerprint"
@@ -63,11 +54,11 @@ def test_foreign_key_gets_a_stable_uuid_across_processes(hsm_env: HsmEnv, token:
 @pytest.mark.usefixtures("require_pkcs11_tool")
 def test_a_reused_label_on_new_key_material_gets_a_new_uuid(hsm_env: HsmEnv, token: Token) -> None:
     label = unique_label("tool")
-    pkcs11_tool_keygen(hsm_env, label)
+    pkcs11_tool_keygen(hsm_env, label, cka_id="0a0b0c")
     handle = token.find_one_secret_key(label)
     first = key_uuid(token, token.key_attributes(handle))[0]
     token.destroy_object(handle)
-    pkcs11_tool_keygen(hsm_env, label)  # same label, same CKA_ID, new key bytes
+    pkcs11_tool_keygen(hsm_env, label, cka_id="0a0b0c")  # same label, same CKA_ID, new key bytes
     second = key_uuid(token, token.key_attributes(token.find_one_secret_key(label)))[0]
     assert first != second
 

@@ -132,6 +132,11 @@ CKF_DECRYPT = 0x200  # mechanism flag
 CK_UNAVAILABLE_INFORMATION = c_ulong(-1).value
 
 
+def byte_buffer(data: bytes) -> ctypes.Array[ctypes.c_ubyte]:
+    """A C byte array holding a copy of ``data``, for CK_BYTE_PTR arguments."""
+    return (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
+
+
 class CK_VERSION(ctypes.Structure):
     _fields_ = [("major", c_ubyte), ("minor", c_ubyte)]
 

@@ -51,10 +51,6 @@ class SecretKeyAttributes:
     can_decrypt: bool | None
 
 
-def _buffer(data: bytes) -> ctypes.Array[ctypes.c_ubyte]:
-    return (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
-
-
 def _ulong_bytes(value: int) -> bytes:
     return bytes(ck.CK_ULONG(value))
 
@@ -67,7 +63,7 @@ class _Template:
     """A CK_ATTRIBUTE array that owns the buffers it points to."""
 
     def __init__(self, items: list[tuple[int, bytes]]) -> None:
-        self._buffers = [_buffer(value) for _, value in items]
+        self._buffers = [ck.byte_buffer(value) for _, value in items]
         self.array = (ck.CK_ATTRIBUTE * len(items))()
         for slot, ((kind, value), buf) in enumerate(zip(items, self._buffers, strict=True)):
             self.array[slot].type = kind
@@ -82,8 +78,8 @@ class _GcmMechanism:
     """CKM_AES_GCM with a 96-bit IV, additional data and a 128-bit tag."""
 
     def __init__(self, iv: bytes, aad: bytes) -> None:
-        self._iv = _buffer(iv)
-        self._aad = _buffer(aad)
+        self._iv = ck.byte_buffer(iv)
+        self._aad = ck.byte_buffer(aad)
         self._params = ck.CK_GCM_PARAMS(
             pIv=ctypes.cast(self._iv, ctypes.c_void_p),
             ulIvLen=len(iv),
@@ -124,7 +120,7 @@ class Token:
         return handle.value
 
     def _login(self) -> None:
-        rv = self.module.call_rv("C_Login", self._anchor, ck.CKU_USER, _buffer(self._pin), len(self._pin))
+        rv = self.module.call_rv("C_Login", self._anchor, ck.CKU_USER, ck.byte_buffer(self._pin), len(self._pin))
         if rv in (ck.CKR_OK, ck.CKR_USER_ALREADY_LOGGED_IN):
             return
         self.module.call_rv("C_CloseSession", self._anchor)
@@ -345,7 +341,7 @@ class Token:
 
     def _crypt(self, init_function: str, function: str, key: int, mech: _GcmMechanism, data: bytes,
                out_len: int) -> bytes:
-        source = _buffer(data)
+        source = ck.byte_buffer(data)
         # Room for one extra block: some modules ask for more than the exact GCM output size.
         out = (ctypes.c_ubyte * (out_len + 16))()
         produced = ck.CK_ULONG(len(out))
