@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -77,7 +78,7 @@ class KmsEnvelope:
         with self._lock:
             state = self._state
             if state is not None and state.key_id == status_key_id and started < state.expires_at:
-                self._state = WriteState(**{**state.__dict__, "expires_at": started + WRITE_STATE_TTL})
+                self._state = dataclasses.replace(state, expires_at=started + WRITE_STATE_TTL)
                 return []
         seed, uid = os.urandom(envelope.SEED_BYTES), str(uuid.uuid4())
         try:
