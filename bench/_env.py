@@ -11,12 +11,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # the plugin, and the test harness the benchmarks share
 
-from p11kms.client import KmsClient  # noqa: E402 - after the path set-up above
-from p11kms.devenv import find_softhsm_module, write_softhsm_conf  # noqa: E402
 from p11kms.hsm.keyident import create_kek  # noqa: E402
 from p11kms.hsm.module import load_module  # noqa: E402
 from p11kms.hsm.provision import init_token  # noqa: E402
 from p11kms.hsm.token import open_token  # noqa: E402
+from p11kms.kube.client import KmsClient  # noqa: E402 - after the path set-up above
+from p11kms.ops.devenv import find_softhsm_module, write_softhsm_conf  # noqa: E402
 from tests.support import RemoteHsm, p11kit_remote  # noqa: E402
 
 TOKEN, USER_PIN, SO_PIN = "p11kms-bench", "bench-user-pin-1", "bench-so-pin-1"

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from _env import healthz, make_token, remote_hsm, start_plugin, write_config
 
-from p11kms.client import KmsClient
+from p11kms.kube.client import KmsClient
 from tests.support import FaultControl, build_fault_module
 
 HOLD = 2.0

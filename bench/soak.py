@@ -54,7 +54,7 @@ def _percentile(values: list[float], fraction: float) -> float:
 def _caller_process(socket: str, threads: int, total: int, counter: Any, results: Any) -> None:
     import grpc
 
-    from p11kms.client import KmsClient
+    from p11kms.kube.client import KmsClient
 
     tally = Tally()
     lock = threading.Lock()

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from p11kms.devenv import find_softhsm_module, write_softhsm_conf
 from p11kms.hsm.keyident import create_kek
 from p11kms.hsm.module import load_module
 from p11kms.hsm.provision import init_token
 from p11kms.hsm.token import Token, open_token
+from p11kms.ops.devenv import find_softhsm_module, write_softhsm_conf
 from tests.support import (
     SO_PIN,
     TOKEN_LABEL,

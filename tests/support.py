@@ -17,8 +17,8 @@ from pathlib import Path
 
 import grpc
 
-from p11kms.client import KmsClient
-from p11kms.etcd import EtcdClient, EtcdError
+from p11kms.kube.client import KmsClient
+from p11kms.kube.etcd import EtcdClient, EtcdError
 
 USER_PIN = "test-user-pin-7391"
 SO_PIN = "test-so-pin-2204"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from p11kms.config import load_config
-from p11kms.doctor import encryption_config_checks
+from p11kms.ops.doctor import encryption_config_checks
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p11kms.client import KmsClient
 from p11kms.config import ConfigError, load_config
+from p11kms.kube.client import KmsClient
 from tests.support import HsmEnv, PluginProcess, start_plugin, unique_label
 
 DOCUMENTED_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from p11kms.etcd import EtcdClient, KeyValue
+from p11kms.kube.etcd import EtcdClient, KeyValue
 from tests.support import HsmEnv, PluginProcess, Standin, start_plugin, start_standin
 
 Keys = Callable[[], tuple[str, str]]

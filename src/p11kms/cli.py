@@ -10,22 +10,20 @@ from pathlib import Path
 
 import grpc
 
-from p11kms.checks import Check, render
-from p11kms.client import DEFAULT_TIMEOUT, KmsClient
 from p11kms.config import ConfigError, PinError, PluginConfig, load_config
-from p11kms.devenv import DEFAULT_DEV_DIR, prepare_dev_environment
-from p11kms.doctor import run_doctor
-from p11kms.etcd import EtcdClient, EtcdError
-from p11kms.etcdscan import describe_value, scan
-from p11kms.etcdscan_report import render_json, render_text
-from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError
-from p11kms.hsm.keyident import create_kek, key_uuid
-from p11kms.keyring import KeyringError
+from p11kms.kube.client import DEFAULT_TIMEOUT, KmsClient
+from p11kms.kube.etcd import EtcdClient, EtcdError
 from p11kms.observability import build_logger, log_event
-from p11kms.preflight import run_checks
-from p11kms.server import Plugin, SocketInUse, install_signal_handlers
-from p11kms.supervisor import open_configured_token
+from p11kms.ops.checks import Check, render
+from p11kms.ops.devenv import DEFAULT_DEV_DIR, prepare_dev_environment
+from p11kms.ops.doctor import run_doctor
+from p11kms.ops.etcdscan import describe_value, require_key, scan
+from p11kms.ops.etcdscan_report import render_json, render_text
+from p11kms.ops.keys import create_key, list_keys
+from p11kms.ops.preflight import run_checks
+from p11kms.plugin.keyring import KeyringError
+from p11kms.plugin.server import Plugin, SocketInUse, install_signal_handlers
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -104,36 +102,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    token = open_configured_token(_config(args))
-    try:
-        new_uuid = create_kek(token, args.label)
-    finally:
-        token.close()
+    new_uuid = create_key(_config(args), args.label)
     print(f"created key label={args.label} uuid={new_uuid}")
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    config = _config(args)
-    roles = {config.primary_key: "primary", **{label: "secondary" for label in config.secondary_keys}}
-    token = open_configured_token(config)
-    try:
-        rows = []
-        for handle in token.find_secret_keys():
-            attrs = token.key_attributes(handle)
-            if attrs.key_type != ck.CKK_AES:  # only AES keys can be KEKs
-                continue
-            try:
-                uuid_value, source = key_uuid(token, attrs)
-                uuid_text = str(uuid_value)
-            except HsmError as exc:  # e.g. a foreign decrypt-only key: no fingerprint can be computed
-                uuid_text, source = "-", f"unavailable ({exc.ckr_name})"
-            rows.append((attrs.label, uuid_text, roles.get(attrs.label, "-"), source))
-    finally:
-        token.close()
     print(f"{'LABEL':<24} {'UUID':<36} {'ROLE':<10} UUID_SOURCE")
-    for label, uuid_text, role, source in sorted(rows):
-        print(f"{label:<24} {uuid_text:<36} {role:<10} {source}")
+    for row in list_keys(_config(args)):
+        print(f"{row.label:<24} {row.uuid:<36} {row.role:<10} {row.uuid_source}")
     return 0
 
 
@@ -185,16 +162,9 @@ def cmd_etcd_scan(args: argparse.Namespace) -> int:
     print(render_json(report) if args.json else render_text(report))
     if args.require is None:
         return 0
-    resources = set(args.resource) if args.resource else report.encrypted_resources()
-    missing = report.not_on(resources)
-    if missing:
-        print(f"FAIL: {len(missing)} object(s) of {', '.join(sorted(resources)) or 'no resource'} "
-              f"are not on key {args.require}:")
-        for key in missing:
-            print(f"  {key}")
-        return EXIT_FAILURE
-    print(f"OK: every object of {', '.join(sorted(resources))} is on key {args.require}")
-    return 0
+    gate = require_key(report, args.require, set(args.resource or ()))
+    print("\n".join(gate.lines))
+    return 0 if gate.passed else EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

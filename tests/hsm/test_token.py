@@ -13,7 +13,7 @@ import pytest
 from p11kms.hsm.errors import KeyLabelTaken, KeyNotFound, LoginFailed, TokenNotFound
 from p11kms.hsm.module import load_module
 from p11kms.hsm.token import Token, open_token
-from p11kms.keyring import build_keyring
+from p11kms.plugin.keyring import build_keyring
 from tests.support import TOKEN_LABEL, USER_PIN, HsmEnv, unique_label
 
 Keys = Callable[[], tuple[str, str]]

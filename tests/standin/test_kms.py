@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from p11kms import envelope
-from p11kms.client import KmsClient
+from p11kms.kube import envelope
+from p11kms.kube.client import KmsClient
 from p11kms.standin.kms import WRITE_STATE_TTL, KmsEnvelope, KmsUnavailable
 from tests.misbehaving import Behaviour, serve_misbehaving
 from tests.support import PluginProcess

@@ -8,8 +8,8 @@ import signal
 import sys
 import threading
 
-from p11kms.client import KmsClient
-from p11kms.etcd import EtcdClient
+from p11kms.kube.client import KmsClient
+from p11kms.kube.etcd import EtcdClient
 from p11kms.observability import build_logger, log_event
 from p11kms.standin.http import StandinHttpServer
 from p11kms.standin.kms import HEALTHY_INTERVAL, UNHEALTHY_INTERVAL, KmsEnvelope, StatusPoller

@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from p11kms.envelope import EnvelopeError
-from p11kms.etcd import EtcdError
+from p11kms.kube.envelope import EnvelopeError
+from p11kms.kube.etcd import EtcdError
 from p11kms.standin import openapi
 from p11kms.standin.bodies import decode_body
 from p11kms.standin.kms import KmsUnavailable

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from p11kms import envelope
-from p11kms.apiserver_rules import encrypted_object_problems, key_id_problems, status_problems
-from p11kms.client import KmsClient
+from p11kms.kube import envelope
+from p11kms.kube.apiserver_rules import encrypted_object_problems, key_id_problems, status_problems
+from p11kms.kube.client import KmsClient
 
 WRITE_STATE_TTL = 180.0  # kube-apiserver's kmsv2PluginWriteDEKSourceMaxTTL: 3 minutes
 HEALTHY_INTERVAL = 60.0  # kmsv2PluginHealthzPositiveInterval

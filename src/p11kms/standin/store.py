@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from p11kms.etcd import EtcdClient, KeyValue
+from p11kms.kube.etcd import EtcdClient, KeyValue
 from p11kms.standin.kms import KmsEnvelope
 
 Obj = dict[str, Any]

@@ -9,7 +9,7 @@ from functools import partial
 import grpc
 import pytest
 
-from p11kms.keyring import MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES
+from p11kms.plugin.keyring import MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES
 from tests.support import PluginProcess
 
 Keys = Callable[[], tuple[str, str]]

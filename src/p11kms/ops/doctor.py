@@ -12,14 +12,14 @@ from typing import Any
 
 import yaml
 
-from p11kms.checks import Check, verdict
 from p11kms.config import ConfigError, PinError, PluginConfig, load_config, pin_source_warnings, read_pin
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError, LoginFailed, TokenNotFound
 from p11kms.hsm.keyident import key_uuid
 from p11kms.hsm.module import Pkcs11Module, load_module
 from p11kms.hsm.token import Token, open_token
-from p11kms.keyring import KeyringError, Role, build_keyring
+from p11kms.ops.checks import Check, verdict
+from p11kms.plugin.keyring import KeyringError, Role, build_keyring
 
 
 def run_doctor(config_path: Path, encryption_config: Path | None = None) -> list[Check]:

@@ -9,7 +9,7 @@ import pytest
 
 from p11kms.hsm.errors import CiphertextRejected, DuplicateKeyLabel
 from p11kms.hsm.token import Token
-from p11kms.keyring import (
+from p11kms.plugin.keyring import (
     FORMAT_V1,
     MAX_PLAINTEXT_BYTES,
     InvalidPlaintext,

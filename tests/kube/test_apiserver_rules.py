@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p11kms.apiserver_rules import annotations_problems, encrypted_object_problems, is_fqdn, status_problems
+from p11kms.kube.apiserver_rules import annotations_problems, encrypted_object_problems, is_fqdn, status_problems
 
 
 @pytest.mark.parametrize("name", ["a.com", "dev.k8s.io.", "10.0.0.1", "local-kek.kms.example.io"])

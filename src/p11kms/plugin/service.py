@@ -19,9 +19,9 @@ from p11kms.hsm.errors import (
     ModuleLoadError,
     TokenNotFound,
 )
-from p11kms.keyring import InvalidPlaintext, Keyring, MalformedCiphertext, UnknownKeyId
 from p11kms.kmsv2 import api_pb2, api_pb2_grpc
 from p11kms.observability import log_event
+from p11kms.plugin.keyring import InvalidPlaintext, Keyring, MalformedCiphertext, UnknownKeyId
 
 API_VERSION = "v2"
 _Reply = TypeVar("_Reply")

@@ -15,15 +15,15 @@ from pathlib import Path
 import grpc
 
 from p11kms.config import ConfigError, PluginConfig, load_config, pin_source_warnings
-from p11kms.health import CachedHealth
 from p11kms.hsm.errors import HsmError
-from p11kms.httpserver import PluginHttpServer, ProbeSource
-from p11kms.keyring import Keyring, KeyringError
 from p11kms.kmsv2 import api_pb2_grpc
-from p11kms.metrics import Metrics
 from p11kms.observability import log_event
-from p11kms.service import KmsService
-from p11kms.supervisor import KeyringSupervisor, log_keyring
+from p11kms.plugin.health import CachedHealth
+from p11kms.plugin.httpserver import PluginHttpServer, ProbeSource
+from p11kms.plugin.keyring import Keyring, KeyringError
+from p11kms.plugin.metrics import Metrics
+from p11kms.plugin.service import KmsService
+from p11kms.plugin.supervisor import KeyringSupervisor, log_keyring
 
 # Settings read once at start; the rest (the key labels, log level) follow a SIGHUP reload.
 _RESTART_ONLY = ("module", "token_label", "token_serial", "slot", "pin_file", "pin_env", "socket",

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from p11kms.client import KmsClient
+from p11kms.kube.client import KmsClient
 from tests.support import PluginProcess
 
 CALLER_PROCESSES = 4

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from p11kms.doctor import encryption_config_checks
+from p11kms.ops.doctor import encryption_config_checks
 from tests.support import FaultControl, HsmEnv
 
 Keys = Callable[[], tuple[str, str]]

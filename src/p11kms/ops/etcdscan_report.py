@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from p11kms.etcdscan import ScanReport
+from p11kms.ops.etcdscan import ScanReport
 
 
 def _per_resource(counts: dict[str, int]) -> str:

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from p11kms.etcd import EtcdClient, EtcdError, prefix_end
+from p11kms.kube.etcd import EtcdClient, EtcdError, prefix_end
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from p11kms.health import HEALTHY, CachedHealth, describe_failure
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmUnavailable, KeyNotFound, LoginFailed, TokenNotFound
+from p11kms.plugin.health import HEALTHY, CachedHealth, describe_failure
 
 
 class Clock:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from p11kms.client import KmsClient
-from p11kms.preflight import run_checks
+from p11kms.kube.client import KmsClient
+from p11kms.ops.preflight import run_checks
 from tests.misbehaving import Behaviour, serve_misbehaving
 from tests.support import PluginProcess
 

@@ -12,8 +12,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from p11kms import envelope
-from p11kms.etcd import EtcdClient, KeyValue
+from p11kms.kube import envelope
+from p11kms.kube.etcd import EtcdClient, KeyValue
 
 
 def resource_of(key: bytes, prefix: bytes) -> str:
@@ -106,3 +106,22 @@ def describe_value(kv: KeyValue) -> list[tuple[str, str]]:
         ("annotations", annotations),
         ("encryptedData", f"{len(sealed.encrypted_data)} bytes"),
     ]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Whether every object of the checked resources is on the required key, and the lines that say so."""
+
+    passed: bool
+    lines: list[str]
+
+
+def require_key(report: ScanReport, require: str, resources: set[str] | None = None) -> GateResult:
+    """The gate of ``etcd scan --require``: decides whether an old key still protects anything."""
+    checked = resources if resources else report.encrypted_resources()
+    missing = report.not_on(checked)
+    if missing:
+        head = (f"FAIL: {len(missing)} object(s) of {', '.join(sorted(checked)) or 'no resource'} "
+                f"are not on key {require}:")
+        return GateResult(False, [head, *(f"  {key}" for key in missing)])
+    return GateResult(True, [f"OK: every object of {', '.join(sorted(checked))} is on key {require}"])

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 from p11kms.config import PinError, PluginConfig, read_pin
-from p11kms.health import describe_failure
 from p11kms.hsm.errors import (
     DuplicateKeyLabel,
     HsmError,
@@ -36,8 +35,9 @@ from p11kms.hsm.errors import (
 from p11kms.hsm.module import load_module
 from p11kms.hsm.observer import HsmObserver
 from p11kms.hsm.token import Token, open_token
-from p11kms.keyring import Keyring, KeyringError, UnsuitableKey, build_keyring
 from p11kms.observability import log_event
+from p11kms.plugin.health import describe_failure
+from p11kms.plugin.keyring import Keyring, KeyringError, UnsuitableKey, build_keyring
 
 NOT_READY_KEY_ID = "p11kms-keyring-not-loaded"  # Status key_id before any key was ever loaded
 _Result = TypeVar("_Result")

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from google.protobuf.message import DecodeError
 
-from p11kms.apiserver_rules import encrypted_object_problems
 from p11kms.kmsv2 import encrypted_object_pb2
+from p11kms.kube.apiserver_rules import encrypted_object_problems
 
 KMS_V2_PREFIX = b"k8s:enc:kms:v2:"
 SEED_BYTES = 32

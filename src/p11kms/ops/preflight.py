@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import grpc
 
-from p11kms.apiserver_rules import encrypted_object_problems, status_problems
-from p11kms.checks import Check, verdict
-from p11kms.client import KmsClient
 from p11kms.kmsv2 import api_pb2
+from p11kms.kube.apiserver_rules import encrypted_object_problems, status_problems
+from p11kms.kube.client import KmsClient
+from p11kms.ops.checks import Check, verdict
 
 # Latency targets from the Kubernetes KMS docs (spec 2.4); advisory, since load and network vary.
 ENCRYPT_TARGET_S = 0.100

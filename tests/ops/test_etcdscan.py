@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from p11kms import envelope
-from p11kms.etcd import EtcdClient
-from p11kms.etcdscan import resource_of, scan
+from p11kms.kube import envelope
+from p11kms.kube.etcd import EtcdClient
+from p11kms.ops.etcdscan import resource_of, scan
 
 OLD, NEW = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
 

@@ -10,8 +10,8 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from p11kms import envelope
 from p11kms.kmsv2 import encrypted_object_pb2
+from p11kms.kube import envelope
 
 ETCD_KEY = b"/registry/secrets/default/mysecret"
 
