@@ -64,6 +64,15 @@ def start_plugin(config: Path, env: dict[str, str], log: Path) -> subprocess.Pop
     return plugin
 
 
+def status_key_id(socket: Path) -> str:
+    """The key_id Status reports, or "" when the call fails."""
+    with KmsClient(socket, timeout=1.0) as client:
+        try:
+            return client.status().key_id
+        except Exception:  # a figure for the report, not an error of the benchmark
+            return ""
+
+
 def healthz(socket: Path) -> str:
     with KmsClient(socket, timeout=1.0) as client:
         try:

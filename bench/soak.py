@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _env import healthz, make_token, remote_hsm, start_plugin, write_config
+from _env import healthz, make_token, remote_hsm, start_plugin, status_key_id, write_config
 
 
 def _rss_kib(pid: int) -> int:
@@ -122,11 +122,13 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
             time.sleep(0.05)
 
     wait_for_calls(calls // 3)
+    key_id_before = status_key_id(directory / "kms.sock")
     config.write_text(config.read_text().replace("Primary_key = bench-kek-1",
                                                  "Primary_key = bench-kek-2\nSecondary_key = bench-kek-1"))
     plugin.send_signal(signal.SIGHUP)
     reload_at = time.time()
     wait_for_calls(2 * calls // 3)
+    key_id_after = status_key_id(directory / "kms.sock")
     down_at = time.time()
     hsm.kill()
     time.sleep(1.0)
@@ -155,7 +157,9 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
         "callers": callers, "calls": ok + wrong + len(errors), "seconds": round(elapsed, 1),
         "ok": ok, "wrong": wrong, "errors": len(errors), "error_codes": sorted({code for _, code in errors}),
         "errors_outside_hsm_outage": len(outside),
-        "reload_at_s": round(reload_at - started, 1), "hsm_down_at_s": round(down_at - started, 1),
+        "reload_at_s": round(reload_at - started, 1),
+        "key_id_before_reload": key_id_before, "key_id_after_reload": key_id_after,
+        "hsm_down_at_s": round(down_at - started, 1),
         "hsm_outage_s": round(up_at - down_at, 2),
         "encrypt_ms_p50": _percentile(encrypt_ms, 0.5), "encrypt_ms_p99": _percentile(encrypt_ms, 0.99),
         "decrypt_ms_p50": _percentile(decrypt_ms, 0.5), "decrypt_ms_p99": _percentile(decrypt_ms, 0.99),

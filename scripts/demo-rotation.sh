@@ -17,6 +17,11 @@ etcd --name demo --data-dir "$work/etcd" --listen-client-urls "$etcd_url" --adve
   --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" --initial-cluster "demo=$peer_url" \
   >"$work/etcd.log" 2>&1 & pids+=($!)
 
+# Creates the development token and config, then gives the plugin's HTTP listener an address:
+# DEMO_HTTP_ADDRESS (default 127.0.0.1:8095, as for dev.sh); 127.0.0.1:0 takes any free port.
+"$PY" -m p11kms keys list --dev --dev-dir "$work/dev" >/dev/null
+echo "HTTP_Address = ${DEMO_HTTP_ADDRESS:-127.0.0.1:8095}" >>"$work/dev/p11kms.cfg"
+
 start_plugin() {
   "$PY" -m p11kms serve --dev --dev-dir "$work/dev" >>"$work/plugin.log" 2>&1 & plugin_pid=$!
   for _ in $(seq 100); do "$PY" -m p11kms status --socket "$work/dev/kms.sock" >/dev/null 2>&1 && return; sleep 0.1; done

@@ -25,7 +25,7 @@ from tests.support import (
     HsmEnv,
     PluginProcess,
     build_fault_module,
-    start_etcd,
+    running_etcd,
     start_plugin,
     unique_label,
 )
@@ -85,10 +85,8 @@ def run_plugin(hsm_env: HsmEnv, tmp_path: Path) -> Iterator[Callable[..., Plugin
 @pytest.fixture(scope="session")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real etcd server for the test session; tests keep apart by key prefix."""
-    server = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield server.url
-    server.proc.terminate()
-    server.proc.wait(20)
+    with running_etcd(tmp_path_factory.mktemp("etcd")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +144,16 @@ def wait_until_serving(plugin: PluginProcess, deadline: float = 20.0) -> None:
     raise AssertionError(f"plugin did not serve within {deadline}s (last error {last}):\n{plugin.log()}")
 
 
+def wait_until(condition: Callable[[], bool], seconds: float = 15.0) -> float:
+    """Returns how long ``condition`` took to hold; fails the test if it never does."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {seconds}s")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -152,6 +165,17 @@ def free_port() -> int:
 class EtcdServer:
     url: str
     proc: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def running_etcd(directory: Path) -> Iterator[str]:
+    """A real etcd server for the block; yields its client URL."""
+    server = start_etcd(directory)
+    try:
+        yield server.url
+    finally:
+        server.proc.terminate()
+        server.proc.wait(20)
 
 
 def start_etcd(directory: Path, tls: dict[str, Path] | None = None) -> EtcdServer:
@@ -258,6 +282,31 @@ def build_fault_module(directory: Path) -> Path:
     return target
 
 
+def private_module_copy(directory: Path, library: str | Path) -> Path:
+    """A copy of a PKCS#11 library at a path of its own.
+
+    dlopen treats it as another library, with its own global state, so a test can finalise and
+    initialise it again without touching the module the rest of the test process uses.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / Path(library).name
+    shutil.copy2(library, target)
+    return target
+
+
+class RecordingObserver:
+    """An HsmObserver that keeps the name of every PKCS#11 call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pkcs11_call(self, function: str, seconds: float, rv: int) -> None:
+        self.calls.append(function)
+
+    def in_flight(self, delta: int) -> None:
+        pass
+
+
 @dataclass
 class FaultControl:
     """Drives a running p11fault module: what it injects, and which calls it saw."""
@@ -278,6 +327,11 @@ class FaultControl:
 
     def calls(self, function: str) -> int:
         return self.calllog.read_text().split().count(function) if self.calllog.exists() else 0
+
+    def initialize_args(self) -> list[str]:
+        """What each C_Initialize was given: "flags=0x..." or "args=NULL", in call order."""
+        lines = self.calllog.read_text().split() if self.calllog.exists() else []
+        return [line.split(":", 1)[1] for line in lines if line.startswith("C_Initialize:")]
 
 
 def p11kit_prefix() -> Path:
@@ -329,3 +383,18 @@ def p11kit_remote(directory: Path, softhsm_module: str, token_label: str, base_e
 
 def remote_hsm(env: HsmEnv, directory: Path) -> RemoteHsm:
     return p11kit_remote(directory, env.module, TOKEN_LABEL, env.process_env())
+
+
+def start_fault_plugin(env: HsmEnv, faults: FaultControl, config: Path, primary: str, **attributes: str
+                       ) -> PluginProcess:
+    """Writes ``config`` for the fault module in front of the test token and starts a plugin on it."""
+    env.write_config(config, primary, PKCS11_Module=str(faults.module), **attributes)
+    return start_plugin(env, config, extra_env=faults.env(env.module))
+
+
+def thread_count(pid: int) -> int:
+    """The number of threads of a process, as the kernel counts them."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Threads line for pid {pid}")

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
 from p11kms.config import ConfigError, PinError, PluginConfig, load_config
 from p11kms.hsm.errors import HsmError
-from p11kms.kube.client import DEFAULT_TIMEOUT, KmsClient
-from p11kms.kube.etcd import EtcdClient, EtcdError
+from p11kms.kube.client import DEFAULT_TIMEOUT, KmsClient, socket_path
+from p11kms.kube.etcd import EtcdClient, EtcdError, EtcdTlsOptionError
 from p11kms.observability import build_logger, log_event
 from p11kms.ops.checks import Check, render
 from p11kms.ops.devenv import DEFAULT_DEV_DIR, prepare_dev_environment
 from p11kms.ops.doctor import run_doctor
-from p11kms.ops.etcdscan import describe_value, require_key, scan
+from p11kms.ops.etcdscan import describe_value, parse_key_uuid, require_key, scan
 from p11kms.ops.etcdscan_report import render_json, render_text
 from p11kms.ops.keys import create_key, list_keys
 from p11kms.ops.preflight import run_checks
@@ -27,6 +28,7 @@ from p11kms.plugin.server import Plugin, SocketInUse, install_signal_handlers
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+T = TypeVar("T")
 
 
 def _add_config_source(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,19 @@ def _add_config_source(parser: argparse.ArgumentParser) -> None:
                         help="use the embedded development SoftHSM2 token (created on first use); not for production")
     parser.add_argument("--dev-dir", type=Path, default=DEFAULT_DEV_DIR,
                         help=f"directory of the development token (default {DEFAULT_DEV_DIR})")
+
+
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser that raises ValueError: its message becomes the usage error (exit 2)."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__  # argparse names the type in some messages
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "call Status like kube-apiserver does"),
                        ("check", "pre-flight: call the plugin as kube-apiserver does and apply all its checks")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--socket", type=Path, required=True, help="plugin socket path")
+        command.add_argument("--socket", type=_argument(socket_path), required=True,
+                             help="plugin socket: a path, or unix:///path as in the EncryptionConfiguration")
         command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-call deadline in seconds")
 
     doctor = commands.add_parser("doctor", help="pre-flight of the node: module, token, login, keys, socket, "
@@ -71,12 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--cacert", help="CA bundle for https endpoints")
     scan.add_argument("--cert", help="client certificate (PEM)")
     scan.add_argument("--key", help="client certificate key (PEM)")
-    scan.add_argument("--prefix", default="/registry/", help="etcd key prefix (kube-apiserver --etcd-prefix + '/')")
+    scan.add_argument("--prefix", default="/registry/",
+                      help="kube-apiserver's --etcd-prefix (default /registry; read as /registry/)")
     scan.add_argument("--page-size", type=int, default=500, help="keys read per request")
-    scan.add_argument("--require", metavar="UUID",
-                      help="exit 1 and list every object of an encrypted resource not on this key UUID")
+    scan.add_argument("--require", metavar="UUID", type=_argument(parse_key_uuid),
+                      help="gate: exit 0 only if objects were checked and all are on this key UUID; exit 1 and "
+                           "list the objects that are not; exit 3 if nothing was checked")
     scan.add_argument("--resource", action="append",
-                      help="with --require: resource to check (repeatable; default: all that hold KMS v2 objects)")
+                      help="with --require: resource to check, e.g. secrets (repeatable; default: all that hold "
+                           "KMS v2 objects)")
     scan.add_argument("--show", metavar="KEY", help="print one object's envelope (no decryption) and exit")
     scan.add_argument("--json", action="store_true", help="machine-readable report")
     scan.add_argument("--progress", action="store_true", help="show progress on stderr")
@@ -119,7 +138,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             reply = client.status()
         except grpc.RpcError as exc:
-            print(f"Status failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"p11kms: Status failed: {client.explain(exc)}", file=sys.stderr)
             return EXIT_FAILURE
     print(f"version: {reply.version}\nhealthz: {reply.healthz}\nkey_id:  {reply.key_id}")
     return 0 if reply.healthz == "ok" else EXIT_FAILURE
@@ -142,7 +161,14 @@ def _print_checks(checks: list[Check]) -> int:
 
 
 def cmd_etcd_scan(args: argparse.Namespace) -> int:
-    client = EtcdClient(args.endpoints.split(","), cacert=args.cacert, cert=args.cert, key=args.key)
+    if args.resource and args.require is None:
+        print("p11kms: --resource only applies with --require UUID", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        client = EtcdClient(args.endpoints.split(","), cacert=args.cacert, cert=args.cert, key=args.key)
+    except EtcdTlsOptionError as exc:
+        print(f"p11kms: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.show:
         stored = client.get(args.show.encode())
         if stored is None:
@@ -159,12 +185,14 @@ def cmd_etcd_scan(args: argparse.Namespace) -> int:
                   progress=show_progress if args.progress else None)
     if args.progress:
         print(file=sys.stderr)
-    print(render_json(report) if args.json else render_text(report))
-    if args.require is None:
-        return 0
-    gate = require_key(report, args.require, set(args.resource or ()))
-    print("\n".join(gate.lines))
-    return 0 if gate.passed else EXIT_FAILURE
+    gate = require_key(report, args.require, set(args.resource or ())) if args.require else None
+    if args.json:
+        print(render_json(report, gate))  # the gate goes inside, so stdout stays one JSON document
+    else:
+        print(render_text(report))
+        if gate is not None:
+            print("\n".join(gate.lines))
+    return gate.exit_code if gate is not None else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,14 +11,25 @@ is skipped. Attribute names are case-insensitive.
 from __future__ import annotations
 
 import difflib
+import grp
 import os
 import re
+import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PLUGIN_SECTION = "kmsplugin"
 DEFAULT_SOCKET = "/run/p11kms/kms.sock"
 DEFAULT_HTTP_PORT = 8095
+# sun_path holds 108 bytes including the terminating NUL; grpc refuses longer paths only at bind time.
+MAX_SOCKET_PATH_BYTES = 107
+# serve first binds a private name of at most this many bytes beside the socket (a dot and its pid),
+# so the directory must leave room for it too.
+STAGING_NAME_BYTES = 8
+# Mode of a socket directory serve creates: nothing for others, like Socket_Mode, and the same as the
+# systemd unit's RuntimeDirectoryMode and the static pod's init container.
+SOCKET_DIRECTORY_MODE = 0o750
 
 
 class ConfigError(Exception):
@@ -46,9 +57,11 @@ class PluginConfig:
     socket: Path
     socket_mode: int = 0o600
     socket_group: str | None = None
+    socket_gid: int | None = None  # Socket_Group resolved when the config is loaded
     log_format: str = "text"
     log_level: str = "info"
     sessions: int = 8
+    max_calls: int = 256
     health_interval: float = 10.0
     shutdown_grace: float = 10.0
     http_address: tuple[str, int] | None = ("127.0.0.1", DEFAULT_HTTP_PORT)
@@ -64,7 +77,7 @@ class PluginConfig:
 ATTRIBUTES = {name.lower(): name for name in (
     "Primary_key", "Secondary_key", "PKCS11_Module", "Token_Label", "Token_Serial", "Slot",
     "PIN_File", "PIN_Env", "Socket", "Socket_Mode", "Socket_Group", "Log_Format", "Log_Level",
-    "Sessions", "Health_Interval", "Shutdown_Grace", "HTTP_Address",
+    "Sessions", "Max_Calls", "Health_Interval", "Shutdown_Grace", "HTTP_Address",
 )}
 _SECRET_LOOKING = {"pin", "user_pin", "password", "so_pin"}
 _COMMENT = re.compile(r"\s[#;].*$")
@@ -165,15 +178,47 @@ class _Reader:
         return raw.lower()
 
 
+def label_problem(label: str) -> str | None:
+    """What makes ``label`` unfit to name a KEK, or None; the one rule for ``keys create`` and the config.
+
+    A key whose label the config cannot state exactly is a key no plugin can select: surrounding
+    whitespace is stripped from config values, a comma splits Secondary_key, " #" or " ;" starts a
+    comment, and control or invisible characters make two different labels look the same.
+    """
+    if not label:
+        return "is empty"
+    if label != label.strip():
+        return "begins or ends with whitespace"
+    if "," in label:
+        return "contains a comma, which separates the labels of Secondary_key"
+    if re.search(r"\s[#;]", label):
+        return "contains ' #' or ' ;', which starts a comment in the config file"
+    odd = next((c for c in label if unicodedata.category(c) in ("Cc", "Cf")), None)
+    if odd is not None:
+        return f"contains the invisible or control character U+{ord(odd):04X}"
+    return None
+
+
+_LABEL_FIX = "write the key's exact label (p11kms keys list shows them)"
+
+
+def _checked_label(reader: _Reader, key: str, label: str) -> None:
+    problem = label_problem(label)
+    if problem is not None:
+        raise reader.fail(key, f"label {label!r} {problem}; {_LABEL_FIX}")
+
+
 def _labels(reader: _Reader) -> tuple[str, tuple[str, ...]]:
     primary = reader.text("primary_key", required_fix="set Primary_key to the label of the key that encrypts")
     assert primary is not None
+    _checked_label(reader, "primary_key", primary)
     raw = reader.text("secondary_key", "") or ""
     secondaries = tuple(label.strip() for label in raw.split(",")) if raw else ()
     if any(not label for label in secondaries):
         raise reader.fail("secondary_key", f"has an empty label in {raw!r}; separate labels with single commas")
     seen: set[str] = set()
     for label in secondaries:
+        _checked_label(reader, "secondary_key", label)
         if label in seen:
             raise reader.fail("secondary_key", f"lists {label!r} twice; list each old key once")
         seen.add(label)
@@ -184,6 +229,53 @@ def _labels(reader: _Reader) -> tuple[str, tuple[str, ...]]:
             "secondary (only decrypts): remove it from Secondary_key",
         )
     return primary, secondaries
+
+
+def _socket_path(reader: _Reader) -> Path:
+    """The socket path, refused at load when it cannot be bound: grpc would fail only after start."""
+    socket = _relative_to(reader.path, reader.text("socket", DEFAULT_SOCKET)) or Path(DEFAULT_SOCKET)
+    if "\0" in str(socket):
+        raise reader.fail("socket", "contains a NUL character; write the socket path without it")
+    size = max(len(os.fsencode(socket)), len(os.fsencode(socket.parent)) + 1 + STAGING_NAME_BYTES)
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise reader.fail("socket", f"{socket} is {size} bytes; a Unix socket path can be at most "
+                                    f"{MAX_SOCKET_PATH_BYTES} bytes: choose a shorter path such as {DEFAULT_SOCKET}")
+    return socket
+
+
+def _socket_gid(reader: _Reader) -> int | None:
+    """Resolves Socket_Group now, so a misspelt group stops the start before the socket exists."""
+    group = reader.text("socket_group")
+    if group is None:
+        return None
+    if group.isdigit():
+        gid = int(group)
+        if gid >= 2**32 - 1:  # (gid_t)-1 means "unchanged" to chown
+            raise reader.fail("socket_group", f"gid {group} is out of range")
+        return gid
+    try:
+        return grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
+        names = [entry.gr_name for entry in grp.getgrall()]
+        hint = difflib.get_close_matches(group, names, n=1, cutoff=0.6)
+        fix = f"did you mean {hint[0]}?" if hint else "create the group or give an existing group name or gid"
+        raise reader.fail("socket_group", f"names no group {group!r} on this host; {fix}") from None
+
+
+def _check_pin_env(reader: _Reader) -> None:
+    """An environment variable cannot change while the process runs: unset or empty is a config error.
+    A variable this process already took (see read_pin) passes, so a reload still loads."""
+    name = reader.text("pin_env")
+    if name is None or name in _TAKEN_ENV_PINS:
+        return
+    value = os.environ.get(name)
+    if value is None:
+        raise reader.fail("pin_env", f"names the environment variable {name}, which is not set for this process; "
+                                     "set it in the plugin's environment (systemd Environment=, the pod's env) "
+                                     "or use PIN_File")
+    if not value:
+        raise reader.fail("pin_env", f"names the environment variable {name}, which is empty; put the user PIN "
+                                     "in it or use PIN_File")
 
 
 def _socket_mode(reader: _Reader) -> int:
@@ -233,6 +325,7 @@ def load_config(path: str | os.PathLike[str]) -> PluginConfig:
             f"{config_path}: set exactly one of PIN_File (a file holding the user PIN) or PIN_Env "
             "(the name of an environment variable holding it)"
         )
+    _check_pin_env(reader)
     return PluginConfig(
         path=config_path,
         primary_key=primary,
@@ -243,12 +336,14 @@ def load_config(path: str | os.PathLike[str]) -> PluginConfig:
         slot=int(reader.number("slot", 0, low=0, high=2**32 - 1, integer=True)) if slot is not None else None,
         pin_file=_relative_to(config_path, pin_file),
         pin_env=pin_env,
-        socket=_relative_to(config_path, reader.text("socket", DEFAULT_SOCKET)) or Path(DEFAULT_SOCKET),
+        socket=_socket_path(reader),
         socket_mode=_socket_mode(reader),
         socket_group=reader.text("socket_group"),
+        socket_gid=_socket_gid(reader),
         log_format=reader.choice("log_format", "text", ("text", "json")),
         log_level=reader.choice("log_level", "info", ("debug", "info", "warning", "error")),
         sessions=int(reader.number("sessions", 8, low=1, high=256, integer=True)),
+        max_calls=int(reader.number("max_calls", 256, low=1, high=10000, integer=True)),
         health_interval=reader.number("health_interval", 10.0, low=0.5, high=300),
         shutdown_grace=reader.number("shutdown_grace", 10.0, low=0, high=600),
         http_address=_http_address(reader),
@@ -264,41 +359,120 @@ def _relative_to(config_path: Path, value: str | None) -> Path | None:
     return candidate if candidate.is_absolute() else config_path.parent / candidate
 
 
+def socket_directory_problem(socket: Path) -> str | None:
+    """Why serve could neither use nor create the socket's directory, or None.
+
+    Serve creates one missing level (the socket's own directory) when its parent exists; a deeper
+    missing path is more likely a typo than a wish, and would be created with nobody's intent.
+    """
+    directory = socket.parent
+    if directory.is_dir():
+        return None
+    if os.path.lexists(directory):
+        return f"{directory} exists and is not a directory"
+    if not directory.parent.is_dir():
+        return f"neither {directory} nor its parent {directory.parent} exists; serve creates only the last level"
+    return None
+
+
+def prepare_socket_directory(config: PluginConfig) -> Path | None:
+    """Creates the socket's directory when only that level is missing: mode 0750 and, with
+    Socket_Group, that group, so members reach a 0660 socket. Returns the directory it created, or
+    None. Raises ConfigError when the directory cannot be used."""
+    directory = config.socket.parent
+    problem = socket_directory_problem(config.socket)
+    if problem is not None:
+        raise ConfigError(f"{config.where('socket')}: Socket {config.socket}: {problem}; create it "
+                          f"(mkdir -p -m {SOCKET_DIRECTORY_MODE:04o} {directory}) or correct Socket")
+    if directory.is_dir():
+        return None
+    directory.mkdir(mode=SOCKET_DIRECTORY_MODE)
+    os.chmod(directory, SOCKET_DIRECTORY_MODE)  # mkdir's mode is narrowed by the umask
+    if config.socket_gid is not None:
+        os.chown(directory, -1, config.socket_gid)
+    return directory
+
+
 class PinError(Exception):
-    """The PIN source named in the config cannot be read."""
+    """The PIN source named in the config cannot be used; ``fix`` says what the operator must do."""
+
+    def __init__(self, message: str, fix: str = "make the PIN source readable by the plugin") -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
+# PINs read from PIN_Env, by variable name. The variable leaves the environment at the first read
+# (children and later forks must not inherit it), yet a reconnect must log in again.
+_TAKEN_ENV_PINS: dict[str, bytes] = {}
 
 
 def read_pin(config: PluginConfig) -> bytes:
     """Reads the user PIN from the configured file or environment variable. Never logs it."""
     if config.pin_file is not None:
-        try:
-            pin = config.pin_file.read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            raise PinError(f"cannot read PIN_File {config.pin_file} ({config.where('pin_file')}): "
-                           f"{exc.strerror}") from exc
-        source = f"PIN_File {config.pin_file}"
-    else:
-        assert config.pin_env is not None
-        value = os.environ.get(config.pin_env)
-        if value is None:
-            raise PinError(f"environment variable {config.pin_env} named by PIN_Env "
-                           f"({config.where('pin_env')}) is not set")
-        pin = value.encode()
-        source = f"environment variable {config.pin_env}"
-    if not pin:
-        raise PinError(f"the PIN in {source} is empty")
+        return _read_pin_file(config, config.pin_file)
+    assert config.pin_env is not None
+    return _take_env_pin(config, config.pin_env)
+
+
+def _read_pin_file(config: PluginConfig, path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PinError(f"cannot read PIN_File {path} ({config.where('pin_file')}): {exc.strerror}") from exc
+    pin = raw.rstrip(b"\r\n")  # the line ending an editor or `echo` adds is not part of the PIN
+    if not pin.strip():
+        blank = " (only whitespace)" if pin else ""
+        raise PinError(f"PIN_File {path} is empty{blank}", f"write the user PIN into {path}")
+    if pin != pin.strip():
+        # Refused rather than tried: a wrong PIN spends one of the few attempts before the HSM locks.
+        raise PinError(f"the PIN in PIN_File {path} begins or ends with whitespace other than one line ending",
+                       f"remove the spaces, tabs or blank lines around the PIN in {path}; a PIN that really "
+                       "has them can be given verbatim through PIN_Env")
+    return pin
+
+
+def _take_env_pin(config: PluginConfig, name: str) -> bytes:
+    value = os.environ.pop(name, None)
+    if value:
+        _TAKEN_ENV_PINS[name] = value.encode()
+    pin = _TAKEN_ENV_PINS.get(name)
+    if pin is None:
+        state = "is empty" if value == "" else "is not set"
+        raise PinError(f"environment variable {name} named by PIN_Env ({config.where('pin_env')}) {state}",
+                       f"set {name} in the plugin's environment or use PIN_File")
     return pin
 
 
 def pin_source_warnings(config: PluginConfig) -> list[str]:
     """Problems with how the PIN is stored that do not stop the plugin but that an operator must fix."""
-    if config.pin_file is None:
+    path = config.pin_file
+    if path is None:
         return []
     try:
-        mode = config.pin_file.stat().st_mode & 0o777
+        link = path.lstat()
+        target = path.stat()
     except OSError:
         return []  # unreadable files are reported when the PIN is read
+    warnings = []
+    if stat.S_ISLNK(link.st_mode) and not _is_secret_volume_link(path):
+        warnings.append(f"PIN_File {path} is a symbolic link to {path.resolve()}: whoever can change the link "
+                        f"chooses the PIN the plugin sends; set PIN_File to {path.resolve()} itself")
+    mode = target.st_mode & 0o777
     if mode & 0o077:
-        return [f"PIN_File {config.pin_file} has mode {mode:04o}: other users may read or change the HSM PIN; "
-                f"run: chmod 600 {config.pin_file}"]
-    return []
+        warnings.append(f"PIN_File {path} has mode {mode:04o}: other users may read or change the HSM PIN; "
+                        f"run: chmod 600 {path}")
+    if target.st_uid not in (os.geteuid(), 0):  # root can read anything anyway
+        warnings.append(f"PIN_File {path} is owned by uid {target.st_uid}, not by the plugin's user (uid "
+                        f"{os.geteuid()}) or root: that user may read or change the HSM PIN; "
+                        f"run: chown {os.geteuid()} {path}")
+    return warnings
+
+
+def _is_secret_volume_link(path: Path) -> bool:
+    """A Kubernetes Secret or ConfigMap volume file: ``name -> ..data/name``, with ``..data`` a link
+    the kubelet swaps atomically on update. The kubelet owns both links, so they are not a risk."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return False
+    return target == f"..data/{path.name}" and (path.parent / "..data").is_symlink()

@@ -37,8 +37,12 @@ class TextFormatter(logging.Formatter):
 
 
 def _quote(value: Any) -> str:
+    """A value as one token: quoted, with escapes, when it is empty or has a space, quote, equals
+    sign or any unprintable character. Values come from callers (a request uid), and a raw newline
+    would let them forge whole log lines, such as the key lines operators read during a rotation."""
     text = str(value)
-    return json.dumps(text) if (not text or any(c in text for c in ' "=')) else text
+    plain = text and text.isprintable() and not any(c in text for c in ' "=')
+    return text if plain else json.dumps(text)
 
 
 class JsonFormatter(logging.Formatter):

@@ -8,7 +8,8 @@
  *
  * The file is re-read whenever its modification time changes, so a test can change the
  * behaviour of a running plugin. With P11FAULT_CALLLOG set, each wrapped call appends its name
- * to that file. It exists for failures a real HSM cannot be made to produce on demand.
+ * to that file, and C_Initialize also a line "C_Initialize:flags=0xN" (or ":args=NULL") with the
+ * CK_C_INITIALIZE_ARGS flags it was given. It exists for failures a real HSM cannot be made to produce on demand.
  */
 #include <dlfcn.h>
 #include <pthread.h>
@@ -87,7 +88,21 @@ static int inject(const char *function, CK_RV *rv) {
 #define WRAP(name, params, args) \
     static CK_RV wrap_##name params { CK_RV rv; if (inject(#name, &rv)) return rv; return real->name args; }
 
-WRAP(C_Initialize, (CK_VOID_PTR a), (a))
+/* Records the initialisation flags, so a test can prove the caller asked for OS locking. */
+static CK_RV wrap_C_Initialize(CK_VOID_PTR a) {
+    CK_RV rv;
+    const char *path = getenv("P11FAULT_CALLLOG");
+    if (path) {
+        FILE *f = fopen(path, "a");
+        if (f) {
+            if (a) fprintf(f, "C_Initialize:flags=0x%lx\n", (unsigned long)((CK_C_INITIALIZE_ARGS *)a)->flags);
+            else fprintf(f, "C_Initialize:args=NULL\n");
+            fclose(f);
+        }
+    }
+    if (inject("C_Initialize", &rv)) return rv;
+    return real->C_Initialize(a);
+}
 WRAP(C_GetSlotList, (CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR n), (p, l, n))
 WRAP(C_GetTokenInfo, (CK_SLOT_ID s, CK_TOKEN_INFO_PTR i), (s, i))
 WRAP(C_OpenSession, (CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n, CK_SESSION_HANDLE_PTR h), (s, f, a, n, h))

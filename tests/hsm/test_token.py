@@ -6,22 +6,133 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from p11kms.hsm.errors import KeyLabelTaken, KeyNotFound, LoginFailed, TokenNotFound
-from p11kms.hsm.module import load_module
+from p11kms.hsm import ckdefs as ck
+from p11kms.hsm.errors import HsmUnavailable, KeyLabelTaken, KeyNotFound, LoginFailed, TokenNotFound
+from p11kms.hsm.module import Pkcs11Module, load_module
 from p11kms.hsm.token import Token, open_token
 from p11kms.plugin.keyring import build_keyring
-from tests.support import TOKEN_LABEL, USER_PIN, HsmEnv, unique_label
+from tests.support import (
+    TOKEN_LABEL,
+    USER_PIN,
+    FaultControl,
+    HsmEnv,
+    RecordingObserver,
+    private_module_copy,
+    unique_label,
+)
 
 Keys = Callable[[], tuple[str, str]]
 
 
-def test_module_is_initialised_with_os_locking(hsm_env: HsmEnv) -> None:
-    # SoftHSM accepts CKF_OS_LOCKING_OK; if it had answered CKR_CANT_LOCK we would serialise.
-    assert load_module(hsm_env.module).serialized is False
+@pytest.fixture
+def private_fault_module(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fault module in front of a private SoftHSM instance, loaded in this test process."""
+    softhsm = private_module_copy(tmp_path / "softhsm", hsm_env.module)
+    for name, value in faults.env(str(softhsm)).items():
+        monkeypatch.setenv(name, value)
+    return private_module_copy(tmp_path / "fault", faults.module)
+
+
+def test_module_is_initialised_with_os_locking(private_fault_module: Path, faults: FaultControl) -> None:
+    module = Pkcs11Module(str(private_fault_module))
+    try:
+        assert faults.initialize_args() == [f"flags=0x{ck.CKF_OS_LOCKING_OK:x}"]
+        assert module.serialized is False
+    finally:
+        module.finalize()
+
+
+def test_a_module_that_cannot_lock_gets_every_call_serialised(private_fault_module: Path, faults: FaultControl,
+                                                              new_key: Keys) -> None:
+    faults.set(f"fail C_Initialize {ck.CKR_CANT_LOCK:#x} 1")  # refuses OS locking, then accepts NULL
+    module = Pkcs11Module(str(private_fault_module))
+    try:
+        assert faults.initialize_args() == [f"flags=0x{ck.CKF_OS_LOCKING_OK:x}", "args=NULL"]
+        assert module.serialized is True
+        token = open_token(module, module.find_token(label=TOKEN_LABEL, serial=None, slot=None),
+                           USER_PIN.encode(), pool_size=8)
+        keyring = build_keyring(token, new_key()[0], [])
+        results: list[bool] = []
+
+        def work() -> None:
+            for _ in range(200):
+                seed = os.urandom(32)
+                results.append(keyring.decrypt(keyring.encrypt(seed), keyring.key_id) == seed)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results.count(True) == 1600
+        token.close()
+    finally:
+        module.finalize()
+
+
+def test_a_closed_token_refuses_at_once_and_wakes_its_waiters(hsm_env: HsmEnv, new_key: Keys) -> None:
+    module = load_module(hsm_env.module)
+    token = open_token(module, module.find_token(label=TOKEN_LABEL, serial=None, slot=None), USER_PIN.encode(),
+                       pool_size=1)
+    keyring = build_keyring(token, new_key()[0], [])
+    holding, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | bytes] = []
+
+    def hold_the_only_session() -> None:
+        with token.session():
+            holding.set()
+            release.wait(10)
+
+    def wait_for_a_session() -> None:
+        try:
+            outcome.append(keyring.encrypt(b"w" * 32))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    holder = threading.Thread(target=hold_the_only_session)
+    holder.start()
+    assert holding.wait(5)
+    waiter = threading.Thread(target=wait_for_a_session)
+    waiter.start()
+    time.sleep(0.2)  # the waiter is now blocked on the empty pool
+    token.close()
+    waiter.join(5)
+    assert not waiter.is_alive(), "a caller waiting for a session of a closed token was never woken"
+    assert len(outcome) == 1 and isinstance(outcome[0], HsmUnavailable)
+    release.set()
+    holder.join(5)
+    started = time.monotonic()
+    with pytest.raises(HsmUnavailable, match="closed"):
+        keyring.encrypt(b"a" * 32)
+    assert time.monotonic() - started < 1.0
+
+
+def test_handles_of_an_earlier_module_initialisation_are_never_used(hsm_env: HsmEnv, tmp_path: Path,
+                                                                    new_key: Keys) -> None:
+    # After C_Finalize + C_Initialize a module numbers sessions and objects from 1 again: a stale
+    # handle could name another session or another key, so not one call may carry one.
+    module = Pkcs11Module(str(private_module_copy(tmp_path, hsm_env.module)))
+    try:
+        token = open_token(module, module.find_token(label=TOKEN_LABEL, serial=None, slot=None),
+                           USER_PIN.encode(), pool_size=2)
+        keyring = build_keyring(token, new_key()[0], [])
+        keyring.encrypt(b"k" * 32)  # the pool now holds an opened session
+        module.reinitialize()
+        observer = RecordingObserver()
+        module.observer = observer
+        with pytest.raises(HsmUnavailable):
+            keyring.encrypt(b"k" * 32)
+        token.close()
+        assert observer.calls == []
+    finally:
+        module.finalize()
 
 
 def test_many_threads_share_the_token_without_corruption(token: Token, new_key: Keys) -> None:

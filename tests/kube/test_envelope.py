@@ -10,7 +10,6 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from p11kms.kmsv2 import encrypted_object_pb2
 from p11kms.kube import envelope
 
 ETCD_KEY = b"/registry/secrets/default/mysecret"
@@ -49,15 +48,26 @@ def test_the_etcd_key_is_bound_as_additional_data() -> None:
         envelope.open_data(decoded, seed, b"/registry/secrets/default/other")
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field, written by hand (lengths under 128 bytes)."""
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
 def test_legacy_type_0_when_field_5_is_absent() -> None:
+    """A value as kube-apiserver before 1.29 wrote it: fields 1-3 only, no encryptedDEKSourceType on the wire.
+
+    The bytes are built by hand, not by the generated class, so the test pins the wire format: it fails if
+    decoding ever needs field 5, or reads its absence as anything but the legacy AES_GCM_KEY type.
+    """
     dek, nonce = os.urandom(32), os.urandom(12)
-    message = encrypted_object_pb2.EncryptedObject(
-        encryptedData=nonce + AESGCM(dek).encrypt(nonce, b"old", ETCD_KEY), keyID="k", encryptedDEKSource=b"w")
-    body = message.SerializeToString()
-    assert b"\x28" not in body[-2:]  # field 5 (tag 0x28) is not on the wire
+    data = nonce + AESGCM(dek).encrypt(nonce, b"old", ETCD_KEY)
+    body = _field(1, data) + _field(2, b"k") + _field(3, b"w")
     decoded = envelope.decode(b"k8s:enc:kms:v2:p11kms:" + body)
-    assert decoded.dek_source_type == envelope.TYPE_AES_GCM_KEY
+    assert (decoded.key_id, decoded.encrypted_dek_source, decoded.dek_source_type) == ("k", b"w", 0)
     assert envelope.open_data(decoded, dek, ETCD_KEY) == b"old"
+    seeded = envelope.decode(b"k8s:enc:kms:v2:p11kms:" + body + bytes([5 << 3, envelope.TYPE_HKDF_SEED]))
+    assert seeded.dek_source_type == envelope.TYPE_HKDF_SEED  # the same bytes plus field 5 = 1: the seed type
 
 
 @pytest.mark.parametrize(("value", "problem"), [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 from collections.abc import Callable
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from p11kms.hsm import ckdefs as ck
+from p11kms.hsm.token import Token
 from p11kms.ops.doctor import encryption_config_checks
-from tests.support import FaultControl, HsmEnv
+from tests.support import FaultControl, HsmEnv, pkcs11_tool_keygen, unique_label
 
 Keys = Callable[[], tuple[str, str]]
 
@@ -18,6 +21,7 @@ Keys = Callable[[], tuple[str, str]]
 def doctor(hsm_env: HsmEnv, config: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     result = subprocess.run([sys.executable, "-m", "p11kms", "doctor", "--config", str(config), *extra],
                             env=hsm_env.process_env(**(env or {})), capture_output=True, text=True, timeout=60)
+    assert result.stderr == "", result.stderr  # doctor reports every problem as a check, never on stderr
     return result.returncode, result.stdout
 
 
@@ -37,6 +41,99 @@ def test_a_missing_key_fails_with_the_fix(hsm_env: HsmEnv, tmp_path: Path, new_k
     assert code == 1
     assert "FAIL key.secondary[retired-too-early]: no secret key labelled 'retired-too-early'" in out
     assert "never delete an old key" in out
+
+
+def test_a_missing_secondary_is_restored_never_created(hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    primary, primary_uuid = new_key()
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", primary, "lost-old-key")
+    code, out = doctor(hsm_env, config)
+    line = next(x for x in out.splitlines() if x.startswith("FAIL key.secondary[lost-old-key]"))
+    assert code == 1 and "keys create" not in line
+    assert "restore it from an HSM backup or replica" in line
+    assert f"p11kms etcd scan --require {primary_uuid}" in line and "remove 'lost-old-key' from Secondary_key" in line
+
+
+def test_a_missing_primary_may_be_created(hsm_env: HsmEnv, tmp_path: Path) -> None:
+    code, out = doctor(hsm_env, hsm_env.write_config(tmp_path / "p11kms.cfg", "not-made-yet"))
+    assert code == 1 and "p11kms keys create --config" in out and "--label not-made-yet" in out
+
+
+def make_decrypt_only(hsm_env: HsmEnv, token: Token, label: str) -> None:
+    """Sets CKA_SENSITIVE and clears CKA_ENCRYPT, as a vendor tool would for a key kept only to decrypt.
+    p11kms's binding has no C_SetAttributeValue (the plugin never changes a key): this calls the
+    library's own export, which is the same loaded library instance."""
+    set_attributes = ctypes.CDLL(hsm_env.module).C_SetAttributeValue
+    set_attributes.argtypes = [ck.CK_ULONG, ck.CK_ULONG, ctypes.POINTER(ck.CK_ATTRIBUTE), ck.CK_ULONG]
+    set_attributes.restype = ck.CK_RV
+    handle = token.find_one_secret_key(label)
+    values = [(ck.CKA_SENSITIVE, ctypes.c_ubyte(1)), (ck.CKA_ENCRYPT, ctypes.c_ubyte(0))]
+    template = (ck.CK_ATTRIBUTE * len(values))()
+    for slot, (kind, value) in enumerate(values):
+        template[slot].type, template[slot].ulValueLen = kind, 1
+        template[slot].pValue = ctypes.cast(ctypes.pointer(value), ctypes.c_void_p)
+    assert token.run(lambda session: set_attributes(session, handle, template, len(values))) == ck.CKR_OK
+    attributes = token.key_attributes(handle)
+    assert (attributes.can_encrypt, attributes.can_decrypt, attributes.sensitive) == (False, True, True)
+
+
+def test_a_foreign_decrypt_only_key_is_one_failed_check_and_the_rest_still_runs(
+        hsm_env: HsmEnv, tmp_path: Path, token: Token, new_key: Keys) -> None:
+    primary, _ = new_key()
+    foreign = unique_label("foreign")
+    pkcs11_tool_keygen(hsm_env, foreign, cka_id="0a0b0c")  # no UUID in CKA_ID: needs a fingerprint
+    make_decrypt_only(hsm_env, token, foreign)
+    encryption = tmp_path / "enc.yaml"
+    encryption.write_text(ENCRYPTION_CONFIG.format(KMS=f"{{apiVersion: v2, name: p11kms, "
+                                                       f"endpoint: 'unix://{tmp_path / 'kms.sock'}'}}"))
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", primary, foreign)
+    code, out = doctor(hsm_env, config, "--encryption-config", str(encryption))
+    assert code == 1, out
+    line = next(x for x in out.splitlines() if x.startswith(f"FAIL key.secondary[{foreign}]"))
+    assert "no UUID" in line and "CKA_ENCRYPT is false" in line and "CKR_" in line
+    assert f"PASS key.primary[{primary}]" in out and "PASS encryption_config.endpoint" in out
+
+
+def test_socket_directory_follows_the_serve_rule(hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    primary, _ = new_key()
+    one_level = hsm_env.write_config(tmp_path / "one.cfg", primary, Socket=str(tmp_path / "new" / "kms.sock"))
+    code, out = doctor(hsm_env, one_level)
+    assert code == 0, out
+    assert f"WARN socket.directory: {tmp_path / 'new'} does not exist; serve creates it with mode 0750" in out
+    two_levels = hsm_env.write_config(tmp_path / "two.cfg", primary, Socket=str(tmp_path / "a" / "b" / "kms.sock"))
+    code, out = doctor(hsm_env, two_levels)
+    assert code == 1 and f"FAIL socket.directory: neither {tmp_path / 'a' / 'b'} nor" in out
+    assert f"mkdir -p -m 0750 {tmp_path / 'a' / 'b'}" in out
+
+
+def test_an_empty_pin_file_is_called_empty(hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    pin = tmp_path / "empty.pin"
+    pin.write_text("")
+    pin.chmod(0o600)
+    code, out = doctor(hsm_env, hsm_env.write_config(tmp_path / "p11kms.cfg", new_key()[0], PIN_File=str(pin)))
+    assert code == 1 and "FAIL hsm.login" in out and "is empty" in out
+    assert "make the PIN source readable" not in out and f"write the user PIN into {pin}" in out
+
+
+def test_a_symlinked_pin_file_fails_the_pin_source_check(hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    link = tmp_path / "linked.pin"
+    link.symlink_to(hsm_env.pin_file)
+    code, out = doctor(hsm_env, hsm_env.write_config(tmp_path / "p11kms.cfg", new_key()[0], PIN_File=str(link)))
+    assert code == 1 and "FAIL pin.source" in out and "symbolic link" in out and "PASS hsm.login" in out
+
+
+@pytest.mark.parametrize(("attributes", "expected"), [
+    ({"Socket_Group": "kube-apiservr-typo"}, "no group 'kube-apiservr-typo'"),
+    ({"Socket": "/run/" + "s" * 150}, "at most 107 bytes"),
+    ({"PIN_Env": "P11KMS_DOCTOR_UNSET_PIN"}, "P11KMS_DOCTOR_UNSET_PIN"),
+])
+def test_what_serve_refuses_doctor_fails(hsm_env: HsmEnv, tmp_path: Path, attributes: dict[str, str],
+                                         expected: str) -> None:
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", "any", **attributes)
+    if "PIN_Env" in attributes:
+        config.write_text("".join(x for x in config.read_text().splitlines(keepends=True)
+                                  if not x.startswith("PIN_File")))
+    code, out = doctor(hsm_env, config)
+    assert code == 1 and "FAIL config" in out and expected in out
 
 
 def test_a_wrong_pin_is_tried_exactly_once(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path,

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from p11kms.kube import envelope
-from p11kms.kube.etcd import EtcdClient
-from p11kms.ops.etcdscan import resource_of, scan
+from p11kms.kube.etcd import EtcdClient, KeyValue
+from p11kms.ops.etcdscan import (
+    EXIT_NOT_ON_KEY,
+    EXIT_NOTHING_PROVEN,
+    EXIT_PASSED,
+    ScanReport,
+    normalise_prefix,
+    parse_key_uuid,
+    require_key,
+    resource_of,
+    scan,
+)
+from tests.support import EtcdServer, running_etcd, start_etcd
+from tests.tls_certs import make_pki
 
 OLD, NEW = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+LETTERED = "9c41e0d2-5b7a-4c3e-9f1d-2a6b8c0d4e5f"  # has hex letters, so case matters
+CLEAR_SECRET = b"k8s\x00\n\x0c\n\x02v1\x12\x06Secret"
 
 
 def kms_value(key_id: str, key: bytes) -> bytes:
@@ -34,7 +50,7 @@ def keyspace(etcd: str) -> str:
         "secrets/default/a": lambda k: kms_value(NEW, k),
         "secrets/default/b": lambda k: kms_value(OLD, k),
         "secrets/kube-system/c": lambda k: kms_value(OLD, k),
-        "secrets/default/plain": lambda k: b"k8s\x00\n\x0c\n\x02v1\x12\x06Secret",
+        "secrets/default/plain": lambda k: CLEAR_SECRET,
         "configmaps/default/cm": lambda k: b'{"kind":"ConfigMap"}',
         "configmaps/default/cbc": lambda k: b"k8s:enc:aescbc:v1:key1:" + os.urandom(32),
         "example.com/widgets/default/w": lambda k: kms_value(NEW, k),
@@ -46,9 +62,33 @@ def keyspace(etcd: str) -> str:
     return prefix
 
 
-def run_scan(etcd: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p11kms", "etcd", "scan", "--endpoints", etcd, *args],
-                          capture_output=True, text=True, timeout=60)
+def fill(etcd: str, prefix: str, values: dict[str, bytes | None]) -> None:
+    """Stores each name under ``prefix``; a None value becomes a KMS v2 value on key NEW."""
+    client = EtcdClient([etcd])
+    for name, value in values.items():
+        key = (prefix + name).encode()
+        client.put_if(key, kms_value(NEW, key) if value is None else value, mod_revision=0)
+
+
+def fresh_prefix() -> str:
+    return f"/registry-{uuid.uuid4().hex[:8]}/"
+
+
+def run_scan(etcd: str, *args: str, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "p11kms", "etcd", "scan", "--endpoints", etcd, *args]
+    if unprivileged and os.geteuid() == 0:
+        # root reads any file; without these two capabilities, file modes apply to it as to anyone.
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def listed(output: str) -> dict[str, str]:
+    """The objects a failed gate lists, each with the reason it gives."""
+    gate = output[output.index("FAIL: "):]
+    rows = [line.strip() for line in gate.splitlines() if line.startswith("  /")]
+    return dict(row.split(": ", 1) for row in rows)
 
 
 def test_counts_per_provider_key_and_resource(etcd: str, keyspace: str) -> None:
@@ -58,26 +98,108 @@ def test_counts_per_provider_key_and_resource(etcd: str, keyspace: str) -> None:
     assert report.key_ids() == {("p11kms", NEW): 2, ("p11kms", OLD): 2}
     assert report.kms[("p11kms", NEW, "example.com/widgets")] == 1
     assert report.other == {("identity", "secrets"): 1, ("identity", "configmaps"): 1, ("aescbc", "configmaps"): 1}
-    assert [key for key, _ in report.corrupt] == [keyspace + "secrets/default/broken"]
+    assert [(c.key, c.resource) for c in report.corrupt] == [(keyspace + "secrets/default/broken", "secrets")]
 
 
-def test_require_lists_every_object_not_on_the_key(etcd: str, keyspace: str) -> None:
+def test_require_lists_every_object_not_on_the_key_and_why(etcd: str, keyspace: str) -> None:
     result = run_scan(etcd, "--prefix", keyspace, "--require", NEW, "--resource", "secrets")
-    assert result.returncode == 1
-    listed = [line.strip() for line in result.stdout.split("are not on key")[1].splitlines()[1:]]
-    assert sorted(listed) == sorted(keyspace + name for name in (
-        "secrets/default/b", "secrets/kube-system/c", "secrets/default/plain", "secrets/default/broken"))
+    assert result.returncode == EXIT_NOT_ON_KEY
+    reasons = listed(result.stdout)
+    assert set(reasons) == {keyspace + name for name in (
+        "secrets/default/b", "secrets/kube-system/c", "secrets/default/plain", "secrets/default/broken")}
+    assert reasons[keyspace + "secrets/default/b"] == f"on another key UUID {OLD} (provider p11kms)"
+    assert reasons[keyspace + "secrets/default/plain"] == "stored in clear (identity)"
+    assert reasons[keyspace + "secrets/default/broken"].startswith("corrupt KMS v2 value: ")
+    assert f"FAIL: secrets: 4 of 5 objects are not on key {NEW}:" in result.stdout
 
 
 def test_require_passes_when_everything_is_on_the_key(etcd: str) -> None:
-    prefix = f"/registry-{uuid.uuid4().hex[:8]}/"
-    client = EtcdClient([etcd])
-    for name in ("secrets/default/x", "secrets/other/y"):
-        key = (prefix + name).encode()
-        client.put_if(key, kms_value(NEW, key), mod_revision=0)
+    prefix = fresh_prefix()
+    fill(etcd, prefix, {"secrets/default/x": None, "secrets/other/y": None, "configmaps/default/z": None})
     result = run_scan(etcd, "--prefix", prefix, "--require", NEW)
-    assert result.returncode == 0
-    assert f"OK: every object of secrets is on key {NEW}" in result.stdout
+    assert result.returncode == EXIT_PASSED, result.stdout
+    assert f"OK: secrets: 2 objects, all on key {NEW}" in result.stdout
+    assert f"OK: configmaps: 1 object, all on key {NEW}" in result.stdout
+    assert f"OK: every object of configmaps, secrets is on key {NEW} (3 objects checked)" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def empty_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_etcd(tmp_path_factory.mktemp("etcd-empty")) as url:
+        yield url
+
+
+def test_require_on_an_empty_etcd_proves_nothing(empty_etcd: str) -> None:
+    result = run_scan(empty_etcd, "--require", NEW)
+    assert result.returncode == EXIT_NOTHING_PROVEN, result.stdout
+    assert "NOTHING PROVEN: no key under prefix /registry/" in result.stdout
+    assert "--etcd-prefix" in result.stdout  # says what --prefix must be
+    assert "OK" not in result.stdout
+
+
+def test_require_with_a_wrong_prefix_proves_nothing(etcd: str) -> None:
+    prefix = fresh_prefix()
+    fill(etcd, prefix, {"secrets/default/x": None})
+    result = run_scan(etcd, "--prefix", prefix.replace("registry", "registyr"), "--require", NEW)
+    assert result.returncode == EXIT_NOTHING_PROVEN, result.stdout
+    assert "NOTHING PROVEN: no key under prefix" in result.stdout and "0 keys scanned" in result.stdout
+
+
+def test_prefix_without_trailing_slash_is_read_as_kube_apiserver_stores_it(etcd: str) -> None:
+    """kube-apiserver's --etcd-prefix is '/registry'; it stores under '/registry/'."""
+    prefix = fresh_prefix()
+    fill(etcd, prefix, {f"secrets/default/s{n}": CLEAR_SECRET for n in range(3)})
+    fill(etcd, prefix.rstrip("/") + "-other/", {"secrets/default/elsewhere": None})  # must not be read
+    bare = prefix.rstrip("/")
+    unnamed = run_scan(etcd, "--prefix", bare, "--require", NEW)
+    assert unnamed.returncode == EXIT_NOTHING_PROVEN, unnamed.stdout
+    assert f"prefix {prefix}: 3 keys scanned" in unnamed.stdout
+    assert "stored in clear: secrets=3" in unnamed.stdout
+    named = run_scan(etcd, "--prefix", bare.lstrip("/") + "/", "--require", NEW, "--resource", "secrets")
+    assert named.returncode == EXIT_NOT_ON_KEY, named.stdout
+    assert set(listed(named.stdout).values()) == {"stored in clear (identity)"}
+    assert len(listed(named.stdout)) == 3
+
+
+def test_nothing_encrypted_and_no_resource_named_proves_nothing(etcd: str) -> None:
+    prefix = fresh_prefix()
+    fill(etcd, prefix, {"secrets/a/1": CLEAR_SECRET, "secrets/a/2": CLEAR_SECRET, "secrets/b/3": CLEAR_SECRET,
+                        "configmaps/a/cm": b'{"kind":"ConfigMap"}'})
+    result = run_scan(etcd, "--prefix", prefix, "--require", NEW)
+    assert result.returncode == EXIT_NOTHING_PROVEN, result.stdout
+    assert "no object under" in result.stdout and "is KMS v2" in result.stdout
+    assert "--resource secrets" in result.stdout  # says how to make the gate check something
+
+
+def test_a_misspelt_resource_proves_nothing_and_names_the_close_one(etcd: str, keyspace: str) -> None:
+    result = run_scan(etcd, "--prefix", keyspace, "--require", NEW, "--resource", "secret")
+    assert result.returncode == EXIT_NOTHING_PROVEN, result.stdout
+    assert "NOTHING PROVEN: no object of resource 'secret'" in result.stdout
+    assert "did you mean secrets?" in result.stdout
+
+
+def test_require_takes_a_uuid_not_a_label(etcd: str, keyspace: str) -> None:
+    result = run_scan(etcd, "--prefix", keyspace, "--require", "k8s-kek-1")
+    assert result.returncode == 2
+    assert "'k8s-kek-1' is not a key UUID" in result.stderr
+    assert "p11kms keys list" in result.stderr and "keyring loaded: key" in result.stderr
+    assert "Traceback" not in result.stderr
+    upper = run_scan(etcd, "--prefix", keyspace, "--require", LETTERED.upper())
+    assert upper.returncode == 2 and f"write it as {LETTERED}" in upper.stderr
+
+
+def test_resource_without_require_is_a_usage_error(etcd: str, keyspace: str) -> None:
+    result = run_scan(etcd, "--prefix", keyspace, "--resource", "secrets")
+    assert result.returncode == 2 and "--resource only applies with --require" in result.stderr
+
+
+def test_json_report_carries_the_gate(etcd: str, keyspace: str) -> None:
+    result = run_scan(etcd, "--prefix", keyspace, "--json", "--require", NEW, "--resource", "secrets")
+    assert result.returncode == EXIT_NOT_ON_KEY
+    gate = json.loads(result.stdout)["gate"]  # stdout is one JSON document, gate included
+    assert (gate["required_key"], gate["exit_code"], gate["verdict"]) == (NEW, 1, "not_on_key")
+    assert gate["checked"] == {"secrets": 5}
+    assert {row["reason"] for row in gate["not_on_key"]} >= {"stored in clear (identity)"}
 
 
 def test_show_prints_the_envelope_without_decrypting(etcd: str, keyspace: str) -> None:
@@ -102,7 +224,9 @@ def test_json_report(etcd: str, keyspace: str) -> None:
 def test_scan_is_read_only(etcd: str, keyspace: str) -> None:
     client = EtcdClient([etcd])
     before = client.revision()
-    run_scan(etcd, "--prefix", keyspace, "--require", NEW)
+    result = run_scan(etcd, "--prefix", keyspace, "--require", NEW)
+    assert result.returncode == EXIT_NOT_ON_KEY, result.stdout + result.stderr  # it did scan, and judged
+    assert "keys scanned" in result.stdout
     assert client.revision() == before
 
 
@@ -121,24 +245,156 @@ def test_resource_of(key: bytes, resource: str) -> None:
     assert resource_of(key, b"/registry/") == resource
 
 
-def test_scan_over_client_certificate_tls(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(scope="module")
+def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EtcdServer, dict[str, Path]]]:
     """A real etcd that requires client certificates, as on a kubeadm control plane."""
-    from tests.support import start_etcd
-    from tests.tls_certs import make_pki
-
     pki = make_pki(tmp_path_factory.mktemp("pki"))
     server = start_etcd(tmp_path_factory.mktemp("etcd-tls"), tls=pki)
-    try:
-        client = EtcdClient([server.url], cacert=str(pki["ca"]), cert=str(pki["client_cert"]),
-                            key=str(pki["client_key"]))
-        key = b"/registry/secrets/default/tls-secret"
-        client.put_if(key, kms_value(NEW, key), mod_revision=0)
-        tls_args = ["--cacert", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key", str(pki["client_key"])]
-        result = run_scan(server.url, *tls_args, "--require", NEW)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert f"key={NEW} objects=1" in result.stdout
-        refused = run_scan(server.url, "--cacert", str(pki["ca"]))  # no client certificate
-        assert refused.returncode == 1 and "no etcd endpoint answered" in refused.stderr
-    finally:
-        server.proc.terminate()
-        server.proc.wait(20)
+    yield server, pki
+    server.proc.terminate()
+    server.proc.wait(20)
+
+
+def test_scan_over_client_certificate_tls(tls_etcd: tuple[EtcdServer, dict[str, Path]]) -> None:
+    server, pki = tls_etcd
+    client = EtcdClient([server.url], cacert=str(pki["ca"]), cert=str(pki["client_cert"]), key=str(pki["client_key"]))
+    key = b"/registry/secrets/default/tls-secret"
+    client.put_if(key, kms_value(NEW, key), mod_revision=0)
+    tls_args = ["--cacert", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key", str(pki["client_key"])]
+    result = run_scan(server.url, *tls_args, "--require", NEW)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"key={NEW} objects=1" in result.stdout
+
+
+def _unreadable_copy(path: Path) -> str:
+    copy = path.with_name("unreadable-" + path.name)
+    shutil.copy(path, copy)
+    copy.chmod(0)
+    return str(copy)
+
+
+# Each TLS mistake: the options given, then what stderr must say (the file or option, and the fix).
+TLS_MISTAKES: dict[str, tuple[Callable[[dict[str, Path]], list[str]], list[str]]] = {
+    "cert without key": (lambda p: ["--cacert", str(p["ca"]), "--cert", str(p["client_cert"])],
+                         ["--cert is given without --key", "pass --key"]),
+    "key without cert": (lambda p: ["--cacert", str(p["ca"]), "--key", str(p["client_key"])],
+                         ["--key is given without --cert", "pass --cert"]),
+    "mismatched key": (lambda p: ["--cacert", str(p["ca"]), "--cert", str(p["client_cert"]),
+                                  "--key", str(p["server_key"])],
+                       ["does not match the certificate", "server.key", "client.crt"]),
+    "unreadable key": (lambda p: ["--cacert", str(p["ca"]), "--cert", str(p["client_cert"]),
+                                  "--key", _unreadable_copy(p["client_key"])],
+                       ["cannot read --key", "unreadable-client.key", "permission denied"]),
+    "missing cacert": (lambda p: ["--cacert", str(p["ca"]) + ".missing", "--cert", str(p["client_cert"]),
+                                  "--key", str(p["client_key"])],
+                       ["cannot read --cacert", "ca.crt.missing", "no such file"]),
+    "no client certificate": (lambda p: ["--cacert", str(p["ca"])],
+                              ["requires a client certificate", "--cert", "--key"]),
+    "unknown CA": (lambda p: ["--cert", str(p["client_cert"]), "--key", str(p["client_key"])],
+                   ["cannot verify", "--cacert"]),
+    "cacert not a certificate": (lambda p: ["--cacert", str(p["client_key"])],
+                                 ["--cacert", "client.key holds no PEM CA certificate"]),
+    "client certificate of another CA": (lambda p: ["--cacert", str(p["ca"]), *_foreign_client(p)],
+                                         ["refused the client certificate", "foreign/client.crt", "--trusted-ca-file"]),
+}
+
+
+def _foreign_client(pki: dict[str, Path]) -> list[str]:
+    """A client certificate and key from a second CA, one etcd does not trust."""
+    directory = pki["ca"].parent / "foreign"
+    directory.mkdir(exist_ok=True)
+    other = make_pki(directory)
+    return ["--cert", str(other["client_cert"]), "--key", str(other["client_key"])]
+
+
+@pytest.mark.parametrize("mistake", list(TLS_MISTAKES))
+def test_tls_mistakes_are_named_with_their_fix(tls_etcd: tuple[EtcdServer, dict[str, Path]], mistake: str) -> None:
+    server, pki = tls_etcd
+    options, expected = TLS_MISTAKES[mistake]
+    result = run_scan(server.url, *options(pki), unprivileged=mistake == "unreadable key")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr
+
+
+def report_of(values: dict[str, bytes | None], require: str | None = NEW, prefix: str = "/registry/") -> ScanReport:
+    """A scan report built from values in hand, without etcd: None stands for a KMS v2 value on key NEW."""
+    report = ScanReport(prefix=prefix, required=require)
+    for name, value in values.items():
+        key = (prefix + name).encode()
+        report.add(KeyValue(key, kms_value(NEW, key) if value is None else value, 1, 1))
+    return report
+
+
+def test_gate_passes_and_counts_per_resource() -> None:
+    gate = require_key(report_of({"secrets/a/1": None, "secrets/a/2": None, "configmaps/a/c": CLEAR_SECRET}), NEW)
+    assert (gate.passed, gate.exit_code, gate.checked) == (True, EXIT_PASSED, {"secrets": 2})
+    assert f"OK: secrets: 2 objects, all on key {NEW}" in gate.lines
+    assert any("not checked (no KMS v2 object): configmaps" in line for line in gate.lines)
+
+
+def test_gate_on_nothing_scanned_proves_nothing() -> None:
+    gate = require_key(report_of({}), NEW)
+    assert (gate.passed, gate.exit_code) == (False, EXIT_NOTHING_PROVEN)
+    assert gate.lines[0].startswith("NOTHING PROVEN: no key under prefix /registry/")
+
+
+def test_gate_with_nothing_kms_encrypted_and_no_resource_proves_nothing() -> None:
+    gate = require_key(report_of({"secrets/a/1": CLEAR_SECRET, "configmaps/a/c": b"{}"}), NEW)
+    assert gate.exit_code == EXIT_NOTHING_PROVEN and gate.checked == {}
+    assert "stored in clear: configmaps=1, secrets=1" in "\n".join(gate.lines)
+
+
+def test_gate_on_a_named_resource_without_objects_suggests_close_names() -> None:
+    report = report_of({"secrets/a/1": None, "example.com/widgets/a/w": None})
+    assert "did you mean secrets?" in require_key(report, NEW, {"secret"}).lines[0]
+    assert "did you mean example.com/widgets?" in require_key(report, NEW, {"widgets"}).lines[0]
+    assert require_key(report, NEW, {"secret"}).exit_code == EXIT_NOTHING_PROVEN
+
+
+def test_gate_lists_each_object_off_the_key_with_its_reason() -> None:
+    report = report_of({"secrets/a/on": None, "secrets/a/clear": CLEAR_SECRET,
+                        "secrets/a/cbc": b"k8s:enc:aescbc:v1:key1:xx",
+                        "secrets/a/old": kms_value(OLD, b"/registry/secrets/a/old"),
+                        "secrets/a/broken": b"k8s:enc:kms:v2:p11kms:\xff\xff",
+                        "configmaps/a/broken": b"k8s:enc:kms:v2:p11kms:\xff\xff"})
+    gate = require_key(report, NEW, {"secrets"})
+    assert (gate.exit_code, gate.checked) == (EXIT_NOT_ON_KEY, {"secrets": 5})
+    assert gate.lines[0] == f"FAIL: secrets: 4 of 5 objects are not on key {NEW}:"
+    reasons = listed("\n".join(gate.lines))
+    assert reasons["/registry/secrets/a/clear"] == "stored in clear (identity)"
+    assert reasons["/registry/secrets/a/cbc"] == "encrypted by the aescbc provider, not KMS v2"
+    assert reasons["/registry/secrets/a/old"] == f"on another key UUID {OLD} (provider p11kms)"
+    assert reasons["/registry/secrets/a/broken"].startswith("corrupt KMS v2 value")
+    assert "/registry/configmaps/a/broken" not in reasons  # a resource that was not asked for
+
+
+def test_gate_reports_objects_off_the_key_before_an_empty_resource() -> None:
+    report = report_of({"secrets/a/old": kms_value(OLD, b"/registry/secrets/a/old")})
+    gate = require_key(report, NEW, {"secrets", "configmaps"})
+    assert gate.exit_code == EXIT_NOT_ON_KEY
+    assert any(line.startswith("NOTHING PROVEN: no object of resource 'configmaps'") for line in gate.lines)
+
+
+def test_gate_refuses_a_report_scanned_for_another_key() -> None:
+    with pytest.raises(ValueError, match="scanned for key None"):
+        require_key(report_of({"secrets/a/1": None}, require=None), NEW)
+
+
+@pytest.mark.parametrize(("given", "normal"), [
+    ("/registry", "/registry/"), ("registry/", "/registry/"), ("/registry/", "/registry/"),
+    ("registry", "/registry/"), ("/", "/"), ("", "/"), ("//a//b/", "/a/b/"),
+])
+def test_prefix_normalised_as_kube_apiserver_joins_it(given: str, normal: str) -> None:
+    assert normalise_prefix(given) == normal
+
+
+def test_key_uuid_must_be_canonical() -> None:
+    assert parse_key_uuid(LETTERED) == LETTERED
+    for text, hint in (("k8s-kek-1", "p11kms keys list"), ("", "p11kms keys list"),
+                       (LETTERED.upper(), f"write it as {LETTERED}"), ("{" + LETTERED + "}", f"write it as {LETTERED}"),
+                       (LETTERED.replace("-", ""), f"write it as {LETTERED}")):
+        with pytest.raises(ValueError, match="not a key UUID") as caught:
+            parse_key_uuid(text)
+        assert hint in str(caught.value)

@@ -53,3 +53,19 @@ def test_check_exit_code_on_a_broken_plugin(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "FAIL encrypt.key_id_matches_status: Encrypt key_id 'key-b' differs from Status key_id 'key-a'" \
         in result.stdout
+
+
+def test_check_says_nothing_is_listening(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "p11kms", "check", "--socket", str(tmp_path / "none.sock"),
+                             "--timeout", "0.5"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"FAIL status.call: nothing is listening on {tmp_path / 'none.sock'}: no such file" in result.stdout
+    assert "UNAVAILABLE" not in result.stdout + result.stderr
+
+
+def test_check_takes_the_encryption_configuration_endpoint(tmp_path: Path) -> None:
+    socket = tmp_path / "k.sock"
+    with serve_misbehaving(socket, Behaviour()):
+        result = subprocess.run([sys.executable, "-m", "p11kms", "check", "--socket", f"unix://{socket}"],
+                                capture_output=True, text=True, timeout=60)
+    assert "PASS status.call: version=v2 key_id=key-a" in result.stdout, result.stdout + result.stderr

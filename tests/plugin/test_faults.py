@@ -7,7 +7,9 @@ The wrong-PIN test uses a real wrong PIN; the remote-HSM test kills a real `p11-
 
 from __future__ import annotations
 
-import os
+import collections
+import contextlib
+import functools
 import signal
 import threading
 import time
@@ -17,7 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.support import FaultControl, HsmEnv, PluginProcess, remote_hsm, start_plugin
+from p11kms.hsm.token import Token
+from p11kms.plugin.keyring import build_keyring
+from tests.support import FaultControl, HsmEnv, PluginProcess, remote_hsm, start_plugin, wait_until
 
 Keys = Callable[[], tuple[str, str]]
 StartFaulty = Callable[..., PluginProcess]
@@ -37,16 +41,6 @@ def start_faulty(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path) -> Itera
     yield start
     for plugin in started:
         plugin.stop()
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 15.0) -> float:
-    """Returns how long the condition took to hold; fails the test if it never does."""
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {seconds}s")
 
 
 def timed_error(call: Callable[[], object]) -> tuple[grpc.RpcError, float]:
@@ -100,7 +94,7 @@ def test_device_faults_fail_fast_then_recover_by_themselves(start_faulty: StartF
     assert error.code() == grpc.StatusCode.UNAVAILABLE and seconds < 0.5
 
     faults.set()  # the HSM is back
-    wait_for(lambda: client.status().healthz == "ok")
+    wait_until(lambda: client.status().healthz == "ok")
     assert client.decrypt(before.ciphertext, before.key_id) == b"d" * 32
     assert plugin.proc.poll() is None
     assert "hsm reconnected" in plugin.log()
@@ -122,12 +116,12 @@ def test_wrong_pin_is_tried_once_then_only_on_sighup_or_a_changed_pin(hsm_env: H
         assert plugin.proc.poll() is None
 
         plugin.signal(signal.SIGHUP)
-        wait_for(lambda: faults.calls("C_Login") == 2)
+        wait_until(lambda: faults.calls("C_Login") == 2)
         time.sleep(3)
         assert faults.calls("C_Login") == 2
 
         pin_file.write_text(hsm_env.pin_file.read_text())  # the operator fixes the PIN source
-        wait_for(lambda: client.status().healthz == "ok")
+        wait_until(lambda: client.status().healthz == "ok")
         assert faults.calls("C_Login") == 3
         assert client.decrypt(client.encrypt(b"p" * 32).ciphertext, client.status().key_id) == b"p" * 32
         assert "not-the-pin-1" not in plugin.log()
@@ -219,12 +213,12 @@ def test_remote_hsm_killed_and_restarted(hsm_env: HsmEnv, tmp_path: Path, new_ke
             worker.start()
         time.sleep(0.5)
         hsm.kill()
-        down_after = wait_for(lambda: client.status().healthz != "ok", seconds=5)
+        down_after = wait_until(lambda: client.status().healthz != "ok", seconds=5)
         assert down_after < 1.5  # the health cache interval is 1 s in these configs
         assert plugin.proc.poll() is None
         time.sleep(1.0)
         hsm.start()
-        back_after = wait_for(lambda: client.status().healthz == "ok", seconds=20)
+        back_after = wait_until(lambda: client.status().healthz == "ok", seconds=20)
         time.sleep(0.5)
         stop.set()
         for worker in workers:
@@ -261,7 +255,7 @@ def test_pin_never_leaks(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path, 
         texts.append(caught.value.details() or "")
         texts.append(Path(f"/proc/{plugin.proc.pid}/cmdline").read_bytes().decode(errors="replace"))
         pin_file.write_text(USER_PIN)
-        wait_for(lambda: client.status().healthz == "ok")
+        wait_until(lambda: client.status().healthz == "ok")
         reply = client.encrypt(b"z" * 32)
         client.decrypt(reply.ciphertext, reply.key_id)
         with pytest.raises(grpc.RpcError) as caught:
@@ -272,4 +266,128 @@ def test_pin_never_leaks(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path, 
     texts.append(plugin.log())
     for text in texts:
         assert wrong not in text and USER_PIN not in text
-    assert os.environ.get("P11KMS_TEST_PIN") is None
+
+
+def test_a_refused_relogin_is_tried_once_whatever_the_number_of_threads(
+        start_faulty: StartFaulty, faults: FaultControl, new_key: Keys) -> None:
+    """The HSM drops the login and its PIN was changed: 16 requests in flight all see
+    CKR_USER_NOT_LOGGED_IN, yet the wrong PIN is presented once (a Luna partition locks after 10)."""
+    plugin = start_faulty(new_key()[0], Sessions="16")
+    clients = [plugin.client() for _ in range(16)]
+    for client in clients:
+        client.encrypt(b"w" * 32)  # every channel connected, sessions opened
+    logins_before = faults.calls("C_Login")
+    faults.set("latency_ms 50", f"fail C_Encrypt {0x101:#x} -1", f"fail C_Login {0xA0:#x} -1")
+    barrier = threading.Barrier(16)
+
+    def call(client_index: int) -> None:
+        barrier.wait()
+        with contextlib.suppress(grpc.RpcError):
+            clients[client_index].encrypt(b"l" * 32)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    time.sleep(4)  # two PIN polls and several back-off rounds
+    assert faults.calls("C_Login") - logins_before == 1
+    assert clients[0].status().healthz == "hsm login refused (CKR_PIN_INCORRECT): check the PIN source"
+
+
+def test_a_hung_hsm_is_reported_unhealthy_with_no_traffic_at_all(start_faulty: StartFaulty, faults: FaultControl,
+                                                                 new_key: Keys) -> None:
+    """Nothing calls the plugin while the HSM stops answering; the first Status afterwards must
+    already know, and must answer at once instead of waiting on the HSM itself."""
+    plugin = start_faulty(new_key()[0], Health_Interval="1")
+    client = plugin.client(timeout=2.0)
+    wait_until(lambda: client.status().healthz == "ok")
+    faults.set("latency_ms 3000")  # a self-test round trip now takes 12 s
+    time.sleep(1 + 5 + 2)  # Health_Interval + the 5 s probe timeout + margin, without a single call
+    started = time.monotonic()
+    status = client.status()
+    answered_in = time.monotonic() - started
+    assert status.healthz.startswith("hsm probe overdue"), status.healthz
+    assert answered_in < 0.5
+    faults.set()
+    recovered_in = wait_until(lambda: client.status().healthz == "ok", seconds=30)
+    print(f"\nhung HSM: Status answered in {answered_in * 1000:.1f} ms; healthy {recovered_in:.1f}s after it answered")
+
+
+def flowing_since(tally: collections.Counter[str], ok_before: int) -> bool:
+    """True once traffic has succeeded again since ``ok_before`` successes."""
+    return tally["ok"] > ok_before
+
+
+def test_repeated_outages_under_load_then_sigterm_within_the_grace(start_faulty: StartFaulty, faults: FaultControl,
+                                                                   new_key: Keys) -> None:
+    plugin = start_faulty(new_key()[0], Shutdown_Grace="3")
+    client = plugin.client()
+    wrapped = client.encrypt(b"d" * 32)
+    stop = threading.Event()
+    tally: collections.Counter[str] = collections.Counter()
+
+    def traffic() -> None:
+        caller = plugin.client()
+        while not stop.is_set():
+            try:
+                sealed = caller.encrypt(b"t" * 32)
+                right = caller.decrypt(sealed.ciphertext, sealed.key_id) == b"t" * 32
+                right = right and caller.decrypt(wrapped.ciphertext, wrapped.key_id) == b"d" * 32
+                tally["ok" if right else "wrong"] += 1
+            except grpc.RpcError as exc:
+                tally[exc.code().name] += 1
+                time.sleep(0.02)
+
+    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    everything = ("C_GetSlotList", "C_GetTokenInfo", "C_OpenSession", "C_Login", "C_FindObjectsInit",
+                  "C_EncryptInit", "C_DecryptInit")
+    recoveries = []
+    for _ in range(5):
+        faults.set(*(f"fail {function} 0x30 -1" for function in everything))
+        wait_until(lambda: client.status().healthz != "ok", seconds=5)
+        time.sleep(0.5)
+        faults.set()
+        recoveries.append(wait_until(lambda: client.status().healthz == "ok", seconds=20))
+        wait_until(functools.partial(flowing_since, tally, tally["ok"]), seconds=5)
+    started = time.monotonic()
+    plugin.signal(signal.SIGTERM)
+    exit_code = plugin.proc.wait(15)
+    stopped_in = time.monotonic() - started
+    stop.set()
+    for worker in workers:
+        worker.join(10)
+    assert exit_code == 0
+    assert stopped_in < 3 + 1.5
+    assert tally["wrong"] == 0 and tally["ok"] > 0
+    assert set(tally) <= {"ok", "UNAVAILABLE", "CANCELLED"}, tally
+    print(f"\n5 outages under load: recovered in {', '.join(f'{s:.2f}' for s in recoveries)} s; "
+          f"{dict(tally)}; SIGTERM to exit {stopped_in:.2f} s")
+
+
+def test_a_deleted_secondary_never_takes_the_primary_down(run_plugin: Callable[..., PluginProcess], token: Token,
+                                                          new_key: Keys) -> None:
+    primary, (old_label, old_uuid) = new_key()[0], new_key()
+    sealed = build_keyring(token, old_label, []).encrypt(b"o" * 32)
+    plugin = run_plugin(primary, old_label)
+    client = plugin.client()
+    assert client.decrypt(sealed, old_uuid) == b"o" * 32
+    token.destroy_object(token.find_one_secret_key(old_label))
+
+    error, _ = timed_error(lambda: client.decrypt(sealed, old_uuid))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert old_label in (error.details() or "") and old_uuid in (error.details() or "")
+    for _ in range(20):
+        reply = client.encrypt(b"n" * 32)
+        assert client.decrypt(reply.ciphertext, reply.key_id) == b"n" * 32
+    assert client.status().healthz == "ok"
+    assert "reconnecting" not in plugin.log()
+    assert "configured key missing from the hsm" in plugin.log()
+    plugin.stop()
+
+    restarted = run_plugin(primary, old_label, config_name="restarted.cfg")  # still missing at start
+    reply = restarted.client().encrypt(b"s" * 32)
+    assert restarted.client().decrypt(reply.ciphertext, reply.key_id) == b"s" * 32
+    assert "configured key missing from the hsm" in restarted.log()

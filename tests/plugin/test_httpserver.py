@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +15,16 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from tests.support import USER_PIN, FaultControl, HsmEnv, PluginProcess, start_plugin
+from tests.support import (
+    USER_PIN,
+    FaultControl,
+    HsmEnv,
+    PluginProcess,
+    start_plugin,
+    thread_count,
+    unique_label,
+    wait_until,
+)
 
 Keys = Callable[[], tuple[str, str]]
 Run = Callable[..., PluginProcess]
@@ -25,9 +36,9 @@ def http_address(plugin: PluginProcess) -> str:
     return match.group(1)
 
 
-def get(plugin: PluginProcess, path: str) -> tuple[int, str]:
+def get(plugin: PluginProcess, path: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://{http_address(plugin)}{path}", timeout=5) as reply:
+        with urllib.request.urlopen(f"http://{http_address(plugin)}{path}", timeout=timeout) as reply:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -51,8 +62,20 @@ def test_probes_on_a_healthy_plugin(run_plugin: Run, new_key: Keys) -> None:
     code, body = get(plugin, "/healthz")
     details = json.loads(body)
     assert code == 200 and details["status"] == "ok" and details["hsm"] == "ready"
-    assert details["keys"] == [{"role": "primary", "label": label, "uuid": key_uuid}]
+    assert details["keys"] == [{"role": "primary", "label": label, "uuid": key_uuid, "state": "loaded"}]
     assert get(plugin, "/nothing")[0] == 404
+
+
+def test_a_missing_secondary_shows_in_health_detail_and_metrics(run_plugin: Run, new_key: Keys) -> None:
+    label, _ = new_key()
+    absent = unique_label("absent")
+    plugin = run_plugin(label, absent)
+    code, body = get(plugin, "/healthz")
+    assert code == 200 and json.loads(body)["status"] == "ok"  # the primary serves
+    assert {"role": "secondary", "label": absent, "uuid": None, "state": "missing from the hsm"} in (
+        json.loads(body)["keys"])
+    _, text = get(plugin, "/metrics")
+    assert metric(text, "p11kms_keyring_missing_key", label=absent, role="secondary") == 1
 
 
 def test_metrics_count_rpcs_hsm_calls_and_decrypts_per_key(run_plugin: Run, new_key: Keys) -> None:
@@ -78,17 +101,29 @@ def test_metrics_count_rpcs_hsm_calls_and_decrypts_per_key(run_plugin: Run, new_
     assert USER_PIN not in text
 
 
-def test_status_polling_reaches_the_hsm_at_most_once_per_interval(run_plugin: Run, new_key: Keys) -> None:
-    plugin = run_plugin(new_key()[0], Health_Interval="30")
+def test_status_polling_reaches_the_hsm_once_per_interval(run_plugin: Run, new_key: Keys) -> None:
+    interval = 3.0
+    plugin = run_plugin(new_key()[0], Health_Interval=str(interval))
     client = plugin.client()
-    client.status()
-    _, before = get(plugin, "/metrics")
-    for _ in range(50):
-        assert client.status().healthz == "ok"
-    _, after = get(plugin, "/metrics")
-    probes = (metric(after, "p11kms_hsm_call_duration_seconds_count", function="C_Encrypt")
-              - metric(before, "p11kms_hsm_call_duration_seconds_count", function="C_Encrypt"))
-    assert probes == 0  # the one probe of this interval ran before; 50 Status calls added none
+
+    def probes() -> float:  # each health probe is one C_Encrypt; this test sends no Encrypt of its own
+        return metric(get(plugin, "/metrics")[1], "p11kms_hsm_call_duration_seconds_count", function="C_Encrypt")
+
+    def poll_status(times: int = 50) -> None:
+        for _ in range(times):
+            assert client.status().healthz == "ok"
+
+    time.sleep(interval + 0.5)  # the answer from the start is stale now
+    before = probes()
+    poll_status()
+    wait_until(lambda: probes() > before)  # a probe did run for this interval
+    first = probes()
+    poll_status()  # still within the interval of that probe
+    assert (first - before, probes()) == (1, first)
+    time.sleep(interval + 0.5)
+    poll_status()
+    wait_until(lambda: probes() > first)  # and one for the next
+    assert probes() == first + 1
 
 
 def test_reloads_are_counted(run_plugin: Run, new_key: Keys) -> None:
@@ -157,3 +192,52 @@ def test_a_busy_http_port_stops_the_start_clearly(run_plugin: Run, hsm_env: HsmE
     assert second.proc.wait(20) == 1
     assert f"cannot listen on HTTP_Address {taken}" in second.log()
     assert not (first.socket.parent.parent / "second.sock").exists()
+
+
+IDLE_WAIT = 20.0  # far beyond the listener's read timeout of a few seconds
+
+
+def closed_by_peer(connection: socket.socket) -> bool:
+    """Blocks until the listener closes the connection (True) or IDLE_WAIT passes (False)."""
+    connection.settimeout(IDLE_WAIT)
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def trickle(connection: socket.socket, closed: list[bool]) -> None:
+    """Sends a request one byte a second, as a slow-loris client does, until the listener hangs up."""
+    try:
+        for byte in b"GET /livez HTTP/1.1\r\nX-Padding: " + b"a" * 60:
+            connection.send(bytes([byte]))
+            time.sleep(1.0)
+    except OSError:
+        closed.append(True)
+
+
+def test_idle_connections_cannot_exhaust_the_http_listener(run_plugin: Run, new_key: Keys) -> None:
+    plugin = run_plugin(new_key()[0])
+    host, port = http_address(plugin).rsplit(":", 1)
+    assert get(plugin, "/livez") == (200, "ok\n")
+    threads_before = thread_count(plugin.proc.pid)
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(300)]
+    slow = socket.create_connection((host, int(port)), timeout=5)
+    slow_closed: list[bool] = []
+    slow_sender = threading.Thread(target=trickle, args=(slow, slow_closed), daemon=True)
+    slow_sender.start()
+    try:
+        assert get(plugin, "/livez", timeout=1.0) == (200, "ok\n")  # accepted after the 300 before it
+        assert get(plugin, "/readyz", timeout=1.0) == (200, "ok\n")
+        threads_during = thread_count(plugin.proc.pid)
+        assert threads_during <= threads_before + 2, (threads_before, threads_during)
+        assert all(closed_by_peer(connection) for connection in idle)
+        slow_sender.join(IDLE_WAIT)
+        assert slow_closed == [True], "a request sent one byte a second held its connection"
+    finally:
+        for connection in [*idle, slow]:
+            connection.close()
+    assert get(plugin, "/livez", timeout=1.0) == (200, "ok\n")
+    print(f"plugin threads: {threads_before} before, {threads_during} with 301 connections open")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 
 import pytest
 
-from p11kms.hsm.errors import CiphertextRejected, DuplicateKeyLabel
+from p11kms.hsm.errors import CiphertextRejected, DuplicateKeyLabel, HsmError
 from p11kms.hsm.token import Token
 from p11kms.plugin.keyring import (
     FORMAT_V1,
@@ -102,3 +103,17 @@ def test_a_non_aes_key_is_unsuitable(hsm_env: HsmEnv, token: Token) -> None:
     pkcs11_tool_keygen(hsm_env, label, key_type="GENERIC:32")
     with pytest.raises(UnsuitableKey, match="not an AES key"):
         build_keyring(token, label, [])
+
+
+def test_the_additional_data_is_exactly_the_format_byte_and_the_key_uuid(token: Token, new_key: Keys) -> None:
+    """Opens a ciphertext in the HSM directly with candidate additional data: only the documented
+    ``0x01 | key UUID`` works, so a keyring that dropped or changed it would fail here."""
+    label, key_uuid = new_key()
+    keyring = build_keyring(token, label, [])
+    ciphertext = keyring.encrypt(b"a" * 32)
+    iv, sealed = ciphertext[1:13], ciphertext[13:]
+    handle = keyring.primary.handle
+    assert token.gcm_decrypt(handle, iv, sealed, bytes([FORMAT_V1]) + key_uuid.encode()) == b"a" * 32
+    for wrong in (b"", key_uuid.encode(), bytes([FORMAT_V1]) + str(uuid.uuid4()).encode(), b"\x02" + key_uuid.encode()):
+        with pytest.raises(HsmError):
+            token.gcm_decrypt(handle, iv, sealed, wrong)

@@ -12,12 +12,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.support import HsmEnv, PluginProcess, start_plugin
+from tests.support import (
+    FaultControl,
+    HsmEnv,
+    PluginProcess,
+    start_fault_plugin,
+    start_plugin,
+    wait_until_serving,
+)
 
 Keys = Callable[[], tuple[str, str]]
 Run = Callable[..., PluginProcess]
@@ -132,39 +140,126 @@ def test_socket_mode_defaults_to_0600_and_follows_config(run_plugin: Run, new_ke
     assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == os.getgid()
 
 
-def test_sigterm_during_traffic_finishes_calls_and_removes_the_socket(run_plugin: Run, new_key: Keys) -> None:
-    label, _ = new_key()
-    plugin = run_plugin(label)
-    outcomes: dict[str, int] = {"ok": 0, "wrong": 0}
-    failures: list[grpc.StatusCode] = []
-    stop = threading.Event()
+def wait_for_first_probe(faults: FaultControl) -> None:
+    """The start-up health round trip has finished: later HSM calls are the test's own."""
+    assert wait_for(lambda: faults.calls("C_Decrypt") >= 1), "the start-up health probe never ran"
 
-    def traffic() -> None:
-        client = plugin.client()
-        while not stop.is_set():
-            seed = os.urandom(32)
-            try:
-                reply = client.encrypt(seed)
-                outcomes["ok" if client.decrypt(reply.ciphertext, reply.key_id) == seed else "wrong"] += 1
-            except grpc.RpcError as exc:
-                failures.append(exc.code())
-                return
 
-    workers = [threading.Thread(target=traffic) for _ in range(8)]
-    for worker in workers:
-        worker.start()
-    time.sleep(1.0)
-    plugin.signal(signal.SIGTERM)
-    assert plugin.proc.wait(20) == 0
-    stop.set()
-    for worker in workers:
-        worker.join(10)
-    assert outcomes["ok"] > 100 and outcomes["wrong"] == 0
-    # Calls that reach the server after shutdown began are refused by gRPC itself, before any
-    # handler runs: UNAVAILABLE for a new connection, CANCELLED for a call queued on an old one.
-    assert set(failures) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+def encrypt_in_background(plugin: PluginProcess, results: list[tuple[str, str]]) -> threading.Thread:
+    """Starts one Encrypt with a long deadline; appends (code, key_id or details) when it ends."""
+    def call() -> None:
+        try:
+            reply = plugin.client(timeout=30).encrypt(os.urandom(32))
+            results.append(("OK", reply.key_id))
+        except grpc.RpcError as exc:
+            results.append((exc.code().name, exc.details() or ""))
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    return worker
+
+
+def test_sigterm_lets_in_flight_calls_finish_ok_within_the_grace(hsm_env: HsmEnv, faults: FaultControl,
+                                                                  tmp_path: Path, new_key: Keys) -> None:
+    label, key_uuid = new_key()
+    plugin = start_fault_plugin(hsm_env, faults, tmp_path / "p11kms.cfg", label, Sessions="4",
+                                Shutdown_Grace="5", Health_Interval="300")
+    try:
+        wait_for_first_probe(faults)
+        faults.set("latency_ms 400")  # an Encrypt (C_EncryptInit + C_Encrypt) now takes about 0.8 s
+        inits = faults.calls("C_EncryptInit")
+        results: list[tuple[str, str]] = []
+        workers = [encrypt_in_background(plugin, results) for _ in range(4)]
+        assert wait_for(lambda: faults.calls("C_EncryptInit") - inits == 4), "the calls never reached the HSM"
+        plugin.signal(signal.SIGTERM)  # all four calls are inside the HSM right now
+        sent = time.monotonic()
+        assert plugin.proc.wait(20) == 0
+        took = time.monotonic() - sent
+        for worker in workers:
+            worker.join(20)
+    finally:
+        plugin.stop()
+    assert results == [("OK", key_uuid)] * 4
+    assert took < 5, f"exit took {took:.1f}s, longer than Shutdown_Grace = 5"
     assert not plugin.socket.exists()
     assert "stopped" in plugin.log()
+
+
+def any_exited(plugins: list[PluginProcess]) -> bool:
+    return any(plugin.proc.poll() is not None for plugin in plugins)
+
+
+def test_two_plugins_started_together_leave_exactly_one_serving(hsm_env: HsmEnv, tmp_path: Path,
+                                                                 new_key: Keys) -> None:
+    label, key_uuid = new_key()
+    shared = tmp_path / "kms.sock"
+    configs: dict[str, Path] = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        configs[name] = hsm_env.write_config(tmp_path / name / "p11kms.cfg", label, Socket=str(shared))
+    wins = dict.fromkeys(configs, 0)
+    for _ in range(20):
+        pair = [start_plugin(hsm_env, config, wait=False) for config in configs.values()]
+        try:
+            assert wait_for(partial(any_exited, pair), 20), "neither plugin exited: both claim to serve one socket"
+            loser, winner = sorted(pair, key=lambda p: p.proc.poll() is None)
+            assert loser.proc.returncode == 1, loser.log()
+            assert f"already serving on {shared}" in loser.log()
+            assert f"pid {winner.proc.pid}" in loser.log()
+            assert "keyring loaded" not in loser.log()  # refused before it touched the HSM
+            wait_until_serving(winner)
+            identity = os.stat(shared).st_ino
+            assert winner.client().status().key_id == key_uuid
+            assert os.stat(shared).st_ino == identity  # the loser never replaced or removed it
+            wins[winner.log_path.parent.name] += 1
+            assert winner.stop() == 0
+            assert not shared.exists()
+        finally:
+            for plugin in pair:
+                plugin.stop()
+    print(f"rounds won: {wins}")
+
+
+def test_a_plugin_started_right_after_sigterm_ends_up_serving(hsm_env: HsmEnv, faults: FaultControl,
+                                                               tmp_path: Path, new_key: Keys) -> None:
+    label, key_uuid = new_key()
+    first = start_fault_plugin(hsm_env, faults, tmp_path / "first.cfg", label, Health_Interval="300")
+    second: PluginProcess | None = None
+    try:
+        wait_for_first_probe(faults)
+        faults.set("latency_ms 1500")  # the in-flight Encrypt keeps the first plugin stopping for about 3 s
+        inits = faults.calls("C_EncryptInit")
+        results: list[tuple[str, str]] = []
+        worker = encrypt_in_background(first, results)
+        assert wait_for(lambda: faults.calls("C_EncryptInit") > inits), "the call never reached the HSM"
+        first.signal(signal.SIGTERM)
+        second = start_plugin(hsm_env, hsm_env.write_config(tmp_path / "second.cfg", label), wait=False)
+        assert first.proc.wait(20) == 0
+        worker.join(20)
+        wait_until_serving(second)
+        assert results == [("OK", key_uuid)]
+        assert second.socket.exists()
+        assert second.client().status().key_id == key_uuid
+        assert f"waiting for pid {first.proc.pid}" in second.log()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_stop_leaves_a_socket_that_is_no_longer_its_own(run_plugin: Run, new_key: Keys) -> None:
+    plugin = run_plugin(new_key()[0])
+    plugin.socket.unlink()
+    successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        successor.bind(str(plugin.socket))
+        successor.listen()
+        identity = os.stat(plugin.socket).st_ino
+        assert plugin.stop() == 0
+        assert plugin.socket.exists() and os.stat(plugin.socket).st_ino == identity
+        assert "left in place" in plugin.log()
+    finally:
+        successor.close()
 
 
 def test_two_processes_on_one_token_report_the_same_uuids(run_plugin: Run, new_key: Keys) -> None:
@@ -185,7 +280,9 @@ def test_start_fails_clearly_on_a_missing_key(hsm_env: HsmEnv, tmp_path: Path) -
     result = subprocess.run([sys.executable, "-m", "p11kms", "serve", "--config", str(config)],
                             env=hsm_env.process_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    assert "no secret key labelled 'absent-label'" in result.stderr
+    assert "primary key 'absent-label' is not on token" in result.stderr
+    assert f"(Primary_key, {config}:1)" in result.stderr and "p11kms keys create --label absent-label" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_an_absent_token_at_start_is_served_as_unhealthy(run_plugin: Run, new_key: Keys) -> None:

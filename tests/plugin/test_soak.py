@@ -25,3 +25,9 @@ def test_soak_with_reload_and_hsm_restart() -> None:
     assert figures["errors_outside_hsm_outage"] == 0
     assert set(figures["error_codes"]) <= {"UNAVAILABLE"}
     assert figures["plugin_alive"] is True
+    # The SIGHUP rotation really took effect: Status reports the new key afterwards.
+    assert figures["key_id_before_reload"] and figures["key_id_after_reload"]
+    assert figures["key_id_before_reload"] != figures["key_id_after_reload"]
+    # No growth that looks like a leak: the second half of the run stays near the first half's peak.
+    assert figures["rss_kib_second_half_max"] <= 1.25 * figures["rss_kib_first_half_max"]
+    assert figures["rss_kib_after"] < 200 * 1024

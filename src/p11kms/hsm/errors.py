@@ -66,6 +66,14 @@ class KeyNotUsable(HsmError):
     """The key exists but cannot do the requested operation (type, usage flags, mechanism)."""
 
 
+class KeyHandleInvalid(HsmError):
+    """A key handle no longer names an object: the key was deleted (or re-created) behind our back.
+
+    Not a device fault: the rest of the token works, so the keys are looked up again instead of
+    reconnecting the whole HSM.
+    """
+
+
 class KeyNotFound(HsmError):
     """No key with the given label exists on the token."""
 
@@ -89,9 +97,8 @@ _UNAVAILABLE = frozenset({
     ck.CKR_USER_NOT_LOGGED_IN,
     ck.CKR_CRYPTOKI_NOT_INITIALIZED,
     ck.CKR_FUNCTION_FAILED,
-    ck.CKR_KEY_HANDLE_INVALID,
-    ck.CKR_OBJECT_HANDLE_INVALID,
 })
+_STALE_KEY = frozenset({ck.CKR_KEY_HANDLE_INVALID, ck.CKR_OBJECT_HANDLE_INVALID})
 _LOGIN = frozenset({
     ck.CKR_PIN_INCORRECT,
     ck.CKR_PIN_INVALID,
@@ -112,6 +119,8 @@ def error_for(function: str, rv: int) -> HsmError:
         return NotLoggedIn(message, ckr=rv)
     if rv in _UNAVAILABLE:
         return HsmUnavailable(message, ckr=rv)
+    if rv in _STALE_KEY:
+        return KeyHandleInvalid(message, ckr=rv)
     if rv in _LOGIN:
         return LoginFailed(message, ckr=rv)
     if rv in _KEY_USAGE:

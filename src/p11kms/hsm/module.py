@@ -44,6 +44,10 @@ class Pkcs11Module:
     def __init__(self, path: str, *, initialize: bool = True) -> None:
         self.path = path
         self.initialized = False
+        # Counts initialisations. Handles belong to one of them: after C_Finalize and C_Initialize a
+        # module numbers sessions and objects from the start again, so a stale handle can name
+        # another session or key. Tokens compare their epoch with this before every call.
+        self.epoch = 0
         self.observer: HsmObserver = NullHsmObserver()
         try:
             self._lib = ctypes.CDLL(path)
@@ -84,6 +88,7 @@ class Pkcs11Module:
         if rv not in (ck.CKR_OK, ck.CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise error_for("C_Initialize", rv)
         self.initialized = True
+        self.epoch += 1
 
     @property
     def serialized(self) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,6 +94,47 @@ class _GcmMechanism:
         )
 
 
+class _SessionPool:
+    """Work sessions lent one per operation (``None``: not opened yet).
+
+    Closing the pool wakes every waiter, and a closed pool refuses at once: a request that
+    arrives after a reconnect closed its token must fail fast, never wait for a session that
+    will never come back.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._cond = threading.Condition()
+        self._idle: list[int | None] = [None] * size
+        self._closed = False
+
+    def take(self, token_label: str) -> int | None:
+        with self._cond:
+            while not self._idle and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise HsmUnavailable(f"token {token_label!r} was closed (the plugin is reconnecting to the HSM "
+                                     "or stopping); retry")
+            return self._idle.pop()  # last in, first out: warm sessions first
+
+    def give_back(self, handle: int | None) -> bool:
+        """Returns the session to the pool; False when the pool was closed meanwhile."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._idle.append(handle)
+            self._cond.notify()
+            return True
+
+    def close(self) -> list[int]:
+        """Closes the pool; returns the idle sessions that were opened, for the caller to close."""
+        with self._cond:
+            self._closed = True
+            opened = [handle for handle in self._idle if handle is not None]
+            self._idle.clear()
+            self._cond.notify_all()
+            return opened
+
+
 class Token:
     """An open, logged-in token with ``pool_size`` work sessions."""
 
@@ -102,15 +142,17 @@ class Token:
         self.module = module
         self.info = info
         self._pin = pin
-        self._pool: queue.LifoQueue[int | None] = queue.LifoQueue()
+        self._epoch = module.epoch  # the module initialisation our handles belong to
+        self._closed = False
+        self._pool = _SessionPool(pool_size)
         self._in_flight = 0
         self._in_flight_peak = 0
         self._counter_lock = threading.Lock()
         self._relogin_lock = threading.Lock()
+        self._login_epoch = 0  # counts successful re-logins, so concurrent threads log in once
+        self._login_refused: LoginFailed | None = None
         self._anchor = self._open_session(read_write=False)
         self._login()
-        for _ in range(pool_size):
-            self._pool.put(None)  # opened on first use
 
     # -- sessions -----------------------------------------------------------------------------
     def _open_session(self, *, read_write: bool) -> int:
@@ -134,59 +176,84 @@ class Token:
                               ckr=rv)
         raise error_for("C_Login", rv)
 
-    def _relogin(self) -> None:
-        """Logs in again after the HSM dropped the login; the anchor session is replaced if it died too.
+    def _relogin(self, seen_epoch: int) -> None:
+        """Logs in again after the HSM dropped the login, once for all threads that noticed.
 
+        Single flight: a thread that saw the login fail before another thread restored it does
+        not log in again, and after one refusal no thread tries this PIN again: every wrong
+        attempt counts towards the HSM's lockout (10 on a Luna partition). The supervisor then
+        decides, from the PIN source, whether another attempt is worth making.
         The old anchor is closed only after a new session exists: closing the process's last
         session would log it out and, on some modules (SoftHSM), invalidate the key handles.
         """
         with self._relogin_lock:
+            if self._login_refused is not None:
+                raise LoginFailed(str(self._login_refused), ckr=self._login_refused.ckr)
+            if self._login_epoch != seen_epoch:
+                return  # another thread logged in again meanwhile
             try:
-                self._login()
-            except SessionLost:
-                dead = self._anchor
-                self._anchor = self._open_session(read_write=False)
-                self.module.call_rv("C_CloseSession", dead)
-                self._login()
+                try:
+                    self._login()
+                except SessionLost:
+                    dead = self._anchor
+                    self._anchor = self._open_session(read_write=False)
+                    self.module.call_rv("C_CloseSession", dead)
+                    self._login()
+            except LoginFailed as exc:
+                self._login_refused = exc
+                raise
+            self._login_epoch += 1
 
     def run(self, work: Callable[[int], _Result]) -> _Result:
         """Runs one operation on a lent session, retrying once on a fresh session or after a re-login.
 
         A lost session or login is repaired here, invisibly to the caller; anything worse (device
-        or token gone) propagates as HsmUnavailable for the supervisor to recover from.
+        or token gone, PIN refused) propagates for the supervisor to recover from.
         """
+        login_epoch = self._login_epoch
         try:
             with self.session() as handle:
                 return work(handle)
         except SessionLost:
             pass  # the failed session was closed and replaced; one more try
         except NotLoggedIn:
-            self._relogin()
+            self._relogin(login_epoch)
         with self.session() as handle:
             return work(handle)
+
+    def _ensure_current(self) -> None:
+        """Refuses to use a handle of a closed token or of an earlier module initialisation."""
+        if self._closed or self.module.epoch != self._epoch:
+            raise HsmUnavailable(f"token {self.info.label!r} belongs to a closed HSM connection; retry")
 
     @contextmanager
     def session(self) -> Iterator[int]:
         """Lends one work session to the calling thread for one operation."""
-        handle = self._pool.get()
+        self._ensure_current()
+        handle = self._pool.take(self.info.label)
         try:
             if handle is None:
                 handle = self._open_session(read_write=True)
         except BaseException:
-            self._pool.put(None)
+            self._pool.give_back(None)
             raise
         self._enter()
         try:
             yield handle
         except BaseException:
             # The operation may have left the session mid-operation or dead: never reuse it.
-            self.module.call_rv("C_CloseSession", handle)
-            self._pool.put(None)
+            self._close_session(handle)
+            self._pool.give_back(None)
             raise
         else:
-            self._pool.put(handle)
+            if not self._pool.give_back(handle):
+                self._close_session(handle)  # the token was closed while this operation ran
         finally:
             self._leave()
+
+    def _close_session(self, handle: int) -> None:
+        if self.module.epoch == self._epoch:  # never close a number the module may have reissued
+            self.module.call_rv("C_CloseSession", handle)
 
     def _enter(self) -> None:
         with self._counter_lock:
@@ -208,17 +275,20 @@ class Token:
         """Most operations seen inside the module at once: evidence that calls really overlap."""
         return self._in_flight_peak
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        while True:
-            try:
-                handle = self._pool.get_nowait()
-            except queue.Empty:
-                break
-            if handle is not None:
-                self.module.call_rv("C_CloseSession", handle)
+        """Closes the sessions; later operations, and any waiting for a session, fail at once."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._pool.close():
+            self._close_session(handle)
         # No C_Logout: the login belongs to the whole process and ends by itself when its last
         # session closes; logging out here would break any other Token open on the same slot.
-        self.module.call_rv("C_CloseSession", self._anchor)
+        self._close_session(self._anchor)
 
     # -- objects ------------------------------------------------------------------------------
     def find_secret_keys(self, label: str | None = None) -> list[int]:

@@ -12,12 +12,21 @@ from typing import Any
 
 import yaml
 
-from p11kms.config import ConfigError, PinError, PluginConfig, load_config, pin_source_warnings, read_pin
+from p11kms.config import (
+    SOCKET_DIRECTORY_MODE,
+    ConfigError,
+    PinError,
+    PluginConfig,
+    load_config,
+    pin_source_warnings,
+    read_pin,
+    socket_directory_problem,
+)
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError, LoginFailed, TokenNotFound
 from p11kms.hsm.keyident import key_uuid
 from p11kms.hsm.module import Pkcs11Module, load_module
-from p11kms.hsm.token import Token, open_token
+from p11kms.hsm.token import SecretKeyAttributes, Token, open_token
 from p11kms.ops.checks import Check, verdict
 from p11kms.plugin.keyring import KeyringError, Role, build_keyring
 
@@ -38,16 +47,26 @@ def run_doctor(config_path: Path, encryption_config: Path | None = None) -> list
 def _pin_file_checks(config: PluginConfig) -> list[Check]:
     if config.pin_file is None:
         return [Check("pin.source", True, f"environment variable {config.pin_env}")]
-    warnings = pin_source_warnings(config)
-    return [verdict("pin.source", warnings, f"{config.pin_file} readable by its owner only",
-                    f"chmod 600 {config.pin_file}")]
+    # Each warning ends with its own fix.
+    return [verdict("pin.source", pin_source_warnings(config),
+                    f"{config.pin_file}: a regular file (or a Secret volume file), owned by the plugin's user or "
+                    "root, readable by its owner only")]
 
 
 def _socket_directory_checks(config: PluginConfig) -> list[Check]:
+    """The same rule as serve (config.prepare_socket_directory): one missing level is created."""
     directory = config.socket.parent
+    problem = socket_directory_problem(config.socket)
+    if problem is not None:
+        return [Check("socket.directory", False, problem,
+                      f"mkdir -p -m {SOCKET_DIRECTORY_MODE:04o} {directory} (and mount it into kube-apiserver), "
+                      f"or correct Socket ({config.where('socket')})")]
     if not directory.is_dir():
-        return [Check("socket.directory", False, f"{directory} does not exist",
-                      f"mkdir -m 0750 {directory} (and mount it into kube-apiserver)")]
+        group = f", group {config.socket_group}" if config.socket_group is not None else ""
+        return [Check("socket.directory", False,
+                      f"{directory} does not exist; serve creates it with mode {SOCKET_DIRECTORY_MODE:04o}{group}",
+                      "make sure kube-apiserver sees the same directory (a hostPath mount in both pods)",
+                      advisory=True)]
     mode = directory.stat().st_mode & 0o777
     if mode & 0o002:
         return [Check("socket.directory", False, f"{directory} has mode {mode:04o}: anyone can replace the socket",
@@ -73,7 +92,7 @@ def _hsm_checks(config: PluginConfig) -> list[Check]:
     try:
         token = open_token(module, info, read_pin(config), pool_size=1)
     except PinError as exc:
-        return [*checks, Check("hsm.login", False, str(exc), "make the PIN source readable by the plugin")]
+        return [*checks, Check("hsm.login", False, str(exc), exc.fix)]
     except LoginFailed as exc:
         return [*checks, Check("hsm.login", False, str(exc),
                                "fix the PIN source; doctor tried it once and will not try again")]
@@ -87,8 +106,10 @@ def _hsm_checks(config: PluginConfig) -> list[Check]:
 
 
 def _key_checks(token: Token, module: Pkcs11Module, config: PluginConfig) -> list[Check]:
-    roles = [(config.primary_key, Role.PRIMARY)] + [(label, Role.SECONDARY) for label in config.secondary_keys]
-    checks = [_key_check(token, label, role) for label, role in roles]
+    primary, primary_uuid = _key_check(token, config, config.primary_key, Role.PRIMARY)
+    # The primary's UUID is what `etcd scan --require` needs before a lost secondary can be dropped.
+    checks = [primary] + [_key_check(token, config, label, Role.SECONDARY, primary_uuid or "<primary uuid>")[0]
+                          for label in config.secondary_keys]
     if all(c.passed for c in checks):
         try:
             build_keyring(token, config.primary_key, config.secondary_keys).self_test()
@@ -98,16 +119,41 @@ def _key_checks(token: Token, module: Pkcs11Module, config: PluginConfig) -> lis
     return checks
 
 
-def _key_check(token: Token, label: str, role: Role) -> Check:
+def _missing_key_fix(config: PluginConfig, label: str, role: Role, primary_uuid: str) -> str:
+    if role is Role.PRIMARY:
+        return (f"create it (p11kms keys create --config {config.path} --label {label}) or correct the label; "
+                "never delete an old key that still protects data")
+    # New material under an old label can never decrypt what the old key wrapped: only a restore helps.
+    return (f"restore it from an HSM backup or replica (a new key under this label cannot decrypt old data; never "
+            f"delete an old key that still protects data), or remove {label!r} from Secondary_key "
+            f"({config.where('secondary_key')}) once `p11kms etcd scan --require {primary_uuid}` passes")
+
+
+def _key_check(token: Token, config: PluginConfig, label: str, role: Role,
+               primary_uuid: str = "") -> tuple[Check, str | None]:
+    """The check of one configured key, and its UUID when it has one."""
     name = f"key.{role.value}[{label}]"
     handles = token.find_secret_keys(label)
     if not handles:
-        return Check(name, False, f"no secret key labelled {label!r}",
-                     f"create it (p11kms keys create --label {label}) or correct the label; never delete an old key "
-                     "that still protects data")
+        fix = _missing_key_fix(config, label, role, primary_uuid)
+        return Check(name, False, f"no secret key labelled {label!r}", fix), None
     if len(handles) > 1:
-        return Check(name, False, f"{len(handles)} keys share the label {label!r}", "relabel or remove the extras")
+        found = f"{len(handles)} keys share the label {label!r}"
+        return Check(name, False, found, "relabel or remove the extras"), None
     attrs = token.key_attributes(handles[0])
+    problems = _attribute_problems(attrs, role)
+    if problems:
+        fix = "create a new key with p11kms keys create, which sets these attributes"
+        return verdict(name, problems, "", fix), None
+    try:
+        uuid_value, source = key_uuid(token, attrs)
+    except HsmError as exc:
+        return _no_uuid_check(name, label, attrs.can_encrypt, exc, primary_uuid), None
+    return Check(name, True, f"AES-{(attrs.value_len or 0) * 8}, sensitive, not extractable, uuid {uuid_value} "
+                             f"(from {source})"), str(uuid_value)
+
+
+def _attribute_problems(attrs: SecretKeyAttributes, role: Role) -> list[str]:
     problems = []
     if attrs.key_type != ck.CKK_AES:
         problems.append("not an AES key")
@@ -117,11 +163,18 @@ def _key_check(token: Token, label: str, role: Role) -> Check:
         problems.append("CKA_EXTRACTABLE is not false")
     if attrs.can_decrypt is False or (role is Role.PRIMARY and attrs.can_encrypt is False):
         problems.append("encrypt/decrypt usage is not allowed")
-    if problems:
-        return verdict(name, problems, "", "create a new key with p11kms keys create, which sets these attributes")
-    uuid_value, source = key_uuid(token, attrs)
-    return Check(name, True, f"AES-{(attrs.value_len or 0) * 8}, sensitive, not extractable, uuid {uuid_value} "
-                             f"(from {source})")
+    return problems
+
+
+def _no_uuid_check(name: str, label: str, can_encrypt: bool | None, exc: HsmError, primary_uuid: str) -> Check:
+    """A key without a UUID in CKA_ID gets one from an AES-GCM encryption; a key that may not encrypt has none."""
+    if can_encrypt is False:
+        return Check(name, False, f"no UUID: CKA_ID holds none and the fingerprint UUID needs an AES-GCM "
+                                  f"encryption, but CKA_ENCRYPT is false ({exc.ckr_name}); serve refuses this key",
+                     "allow encryption on this key with the vendor tool (p11kms only fingerprints with it), or, "
+                     f"once `p11kms etcd scan --require {primary_uuid}` passes, remove {label!r} from Secondary_key")
+    return Check(name, False, f"no UUID: the fingerprint encryption failed ({exc})",
+                 "check the HSM connection and the key's attributes (p11kms keys list shows the same error)")
 
 
 def encryption_config_checks(path: Path, socket: Path) -> list[Check]:

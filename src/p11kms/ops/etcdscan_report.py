@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from typing import Any
 
-from p11kms.ops.etcdscan import ScanReport
+from p11kms.ops.etcdscan import GateResult, ScanReport
 
 
 def _per_resource(counts: dict[str, int]) -> str:
@@ -13,7 +14,11 @@ def _per_resource(counts: dict[str, int]) -> str:
 
 
 def render_text(report: ScanReport) -> str:
-    lines = [f"etcd revision {report.revision}, prefix {report.prefix}: {report.scanned} keys scanned", ""]
+    lines = [f"etcd revision {report.revision}, prefix {report.prefix}: {report.scanned} keys scanned"]
+    if report.given_prefix is not None:
+        lines.append(f"(--prefix {report.given_prefix!r} read as {report.prefix}: kube-apiserver stores under "
+                     "its --etcd-prefix followed by '/')")
+    lines.append("")
     by_key = report.by_key()
     lines.append("KMS v2 objects by provider and key UUID:")
     if not by_key:
@@ -30,12 +35,24 @@ def render_text(report: ScanReport) -> str:
     for kind, resources in sorted(by_kind.items()):
         lines.append(f"  {kind}: {sum(resources.values())} ({_per_resource(resources)})")
     lines.append(f"Corrupt KMS v2 values: {len(report.corrupt)}")
-    lines += [f"  {key}: {reason}" for key, reason in report.corrupt]
+    lines += [f"  {item.key}: {item.reason}" for item in report.corrupt]
     return "\n".join(lines)
 
 
-def render_json(report: ScanReport) -> str:
-    document = {
+def _gate_document(gate: GateResult) -> dict[str, Any]:
+    return {
+        "required_key": gate.required,
+        "verdict": gate.verdict,
+        "exit_code": gate.exit_code,
+        "checked": gate.checked,
+        "not_on_key": [{"resource": resource, "key": item.key, "reason": item.reason}
+                       for resource, items in sorted(gate.not_on_key.items()) for item in items],
+        "lines": gate.lines,
+    }
+
+
+def render_json(report: ScanReport, gate: GateResult | None = None) -> str:
+    document: dict[str, Any] = {
         "revision": report.revision,
         "prefix": report.prefix,
         "scanned": report.scanned,
@@ -45,6 +62,8 @@ def render_json(report: ScanReport) -> str:
         ],
         "other": [{"kind": kind, "resource": resource, "objects": count}
                   for (kind, resource), count in sorted(report.other.items())],
-        "corrupt": [{"key": key, "reason": reason} for key, reason in report.corrupt],
+        "corrupt": [{"key": item.key, "resource": item.resource, "reason": item.reason} for item in report.corrupt],
     }
+    if gate is not None:
+        document["gate"] = _gate_document(gate)
     return json.dumps(document, indent=2)

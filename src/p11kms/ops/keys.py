@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from p11kms.config import PluginConfig
+from p11kms.config import ConfigError, PluginConfig, label_problem
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError
 from p11kms.hsm.keyident import create_kek, key_uuid
@@ -21,11 +21,27 @@ class KeyRow:
 
 
 def create_key(config: PluginConfig, label: str) -> uuid.UUID:
+    """Creates a new KEK; a careless or old label is refused before the HSM is touched."""
+    check_new_label(config, label)
     token = open_configured_token(config)
     try:
         return create_kek(token, label)
     finally:
         token.close()
+
+
+def check_new_label(config: PluginConfig, label: str) -> None:
+    problem = label_problem(label)
+    if problem is not None:
+        raise ConfigError(f"--label {label!r} {problem}; choose a label of letters, digits, '-', '_' and '.' "
+                          "(for example k8s-kek-2026-11)")
+    if label in config.secondary_keys:
+        # New key material under an old label can never decrypt what the old key wrapped.
+        raise ConfigError(
+            f"--label {label!r} is listed in Secondary_key ({config.where('secondary_key')}): it names an old key "
+            "that data may still need, and a new key under that label can never decrypt that data; restore the "
+            "old key from an HSM backup or replica, or choose a new label for a new key"
+        )
 
 
 def list_keys(config: PluginConfig) -> list[KeyRow]:

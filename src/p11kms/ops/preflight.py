@@ -31,7 +31,7 @@ def run_checks(client: KmsClient) -> list[Check]:
         status = client.status()
         again = client.status()
     except grpc.RpcError as exc:
-        return [Check("status.call", False, f"{exc.code().name}: {exc.details()}")]
+        return [Check("status.call", False, client.explain(exc))]
     checks.append(Check("status.call", True, f"version={status.version} key_id={status.key_id}"))
     checks.append(verdict("status.fields", status_problems(status.version, status.healthz, status.key_id),
                            "healthz 'ok', version accepted, key_id valid"))
@@ -43,7 +43,7 @@ def run_checks(client: KmsClient) -> list[Check]:
         reply, encrypt_s = _timed(lambda: client.encrypt(seed, uid=str(uuid.uuid4())))
         second = client.encrypt(os.urandom(32), uid=str(uuid.uuid4()))
     except grpc.RpcError as exc:
-        return [*checks, Check("encrypt.call", False, f"{exc.code().name}: {exc.details()}")]
+        return [*checks, Check("encrypt.call", False, client.explain(exc))]
     assert isinstance(reply, api_pb2.EncryptResponse)
     annotations = dict(reply.annotations)
     checks += [
@@ -72,7 +72,7 @@ def _decrypt_checks(client: KmsClient, reply: api_pb2.EncryptResponse, annotatio
     try:
         plaintext, decrypt_s = _timed(lambda: client.decrypt(reply.ciphertext, reply.key_id, annotations))
     except grpc.RpcError as exc:
-        return [Check("decrypt.round_trip", False, f"{exc.code().name}: {exc.details()}")]
+        return [Check("decrypt.round_trip", False, client.explain(exc))]
     checks = [
         Check("decrypt.round_trip", plaintext == seed,
               "Decrypt returned the seed" if plaintext == seed else "Decrypt returned different bytes"),

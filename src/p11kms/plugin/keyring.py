@@ -12,7 +12,7 @@ cannot be confused with this one.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from p11kms.hsm import ckdefs as ck
@@ -21,6 +21,7 @@ from p11kms.hsm.errors import (
     CiphertextRejected,
     HsmError,
     HsmUnavailable,
+    KeyNotFound,
     KeyNotUsable,
 )
 from p11kms.hsm.keyident import key_uuid
@@ -54,12 +55,36 @@ class KeyringError(Exception):
 
 
 class UnknownKeyId(KeyringError):
-    def __init__(self, key_id: str, known: Iterable[Kek]) -> None:
+    def __init__(self, key_id: str, known: Iterable[Kek], missing: Iterable[MissingKey] = ()) -> None:
         listing = ", ".join(f"{k.uuid} ({k.role}, label {k.label!r})" for k in known)
+        gone = ", ".join(repr(m.label) for m in missing)
+        also = f"; configured but missing from the HSM: {gone}" if gone else ""
         super().__init__(
-            f"key_id {key_id!r} is not a configured key; configured keys: {listing}. "
+            f"key_id {key_id!r} is not a configured key; configured keys: {listing}{also}. "
             "Data wrapped under an old key needs that key listed in Secondary_key and still present "
             "in the HSM: never delete an old key while etcd holds objects that use it"
+        )
+        self.key_id = key_id
+
+
+@dataclass(frozen=True)
+class MissingKey:
+    """A configured decrypt-only key that is not in the HSM. The primary is never allowed to be missing."""
+
+    role: Role
+    label: str
+    uuid: str | None  # known when the key was loaded earlier in this process
+
+
+class KeyMissing(UnknownKeyId):
+    """The key_id names a configured key that has gone from the HSM."""
+
+    def __init__(self, key_id: str, missing: MissingKey) -> None:
+        KeyringError.__init__(
+            self,
+            f"key_id {key_id} belongs to the {missing.role} key {missing.label!r}, which is configured but no "
+            "longer in the HSM: restore it from an HSM backup or replica (objects under it cannot be read "
+            "until then); never create a new key under the old label",
         )
         self.key_id = key_id
 
@@ -83,11 +108,14 @@ def _aad(key_uuid_text: str) -> bytes:
 class Keyring:
     """An immutable set of KEKs on one token: exactly one primary and any number of secondaries."""
 
-    def __init__(self, token: Token, primary: Kek, secondaries: tuple[Kek, ...]) -> None:
+    def __init__(self, token: Token, primary: Kek, secondaries: tuple[Kek, ...],
+                 missing: tuple[MissingKey, ...] = ()) -> None:
         self.token = token
         self.primary = primary
         self.secondaries = secondaries
+        self.missing = missing
         self._by_uuid = {k.uuid: k for k in (primary, *secondaries)}
+        self._missing_by_uuid = {m.uuid: m for m in missing if m.uuid is not None}
 
     @property
     def key_id(self) -> str:
@@ -97,11 +125,19 @@ class Keyring:
     def keys(self) -> tuple[Kek, ...]:
         return (self.primary, *self.secondaries)
 
+    def known_uuids(self) -> dict[str, str]:
+        """label -> UUID of every key this keyring knows the UUID of, missing ones included."""
+        known = {m.label: m.uuid for m in self.missing if m.uuid is not None}
+        return known | {k.label: k.uuid for k in self.keys}
+
     def key_for(self, key_id: str) -> Kek:
-        try:
-            return self._by_uuid[key_id]
-        except KeyError:
-            raise UnknownKeyId(key_id, self.keys) from None
+        kek = self._by_uuid.get(key_id)
+        if kek is not None:
+            return kek
+        missing = self._missing_by_uuid.get(key_id)
+        if missing is not None:
+            raise KeyMissing(key_id, missing)
+        raise UnknownKeyId(key_id, self.keys, self.missing)
 
     def encrypt(self, plaintext: bytes) -> bytes:
         if not plaintext:
@@ -171,7 +207,10 @@ def _rejected_message(kek: Kek) -> str:
 
 def resolve_kek(token: Token, label: str, role: Role) -> Kek:
     """Finds the key labelled ``label`` and checks it can wrap and unwrap with AES-GCM."""
-    handle = token.find_one_secret_key(label)
+    try:
+        handle = token.find_one_secret_key(label)
+    except KeyNotFound as exc:
+        raise KeyNotFound(f"{role} key {label!r} is not on token {token.info.label!r}", ckr=exc.ckr) from exc
     attrs = token.key_attributes(handle)
     problems = []
     if attrs.key_type != ck.CKK_AES:
@@ -189,10 +228,22 @@ def resolve_kek(token: Token, label: str, role: Role) -> Kek:
     return Kek(role=role, label=label, uuid=str(uuid), uuid_source=source, handle=handle)
 
 
-def build_keyring(token: Token, primary_label: str, secondary_labels: Iterable[str]) -> Keyring:
-    """Looks every key up once; requests then use the handles found here."""
+def build_keyring(token: Token, primary_label: str, secondary_labels: Iterable[str],
+                  known_uuids: Mapping[str, str] | None = None) -> Keyring:
+    """Looks every key up once; requests then use the handles found here.
+
+    A missing primary raises KeyNotFound: nothing can be encrypted. A missing secondary is
+    recorded instead, with its UUID when ``known_uuids`` (label -> UUID from an earlier keyring)
+    knows it, so the primary keeps serving and only Decrypts under that key are refused.
+    """
     primary = resolve_kek(token, primary_label, Role.PRIMARY)
-    secondaries = tuple(resolve_kek(token, label, Role.SECONDARY) for label in secondary_labels)
+    secondaries: list[Kek] = []
+    missing: list[MissingKey] = []
+    for label in secondary_labels:
+        try:
+            secondaries.append(resolve_kek(token, label, Role.SECONDARY))
+        except KeyNotFound:
+            missing.append(MissingKey(Role.SECONDARY, label, (known_uuids or {}).get(label)))
     seen: dict[str, Kek] = {}
     for kek in (primary, *secondaries):
         twin = seen.get(kek.uuid)
@@ -201,4 +252,4 @@ def build_keyring(token: Token, primary_label: str, secondary_labels: Iterable[s
                 f"labels {twin.label!r} and {kek.label!r} name the same key (UUID {kek.uuid}); list it once"
             )
         seen[kek.uuid] = kek
-    return Keyring(token, primary, secondaries)
+    return Keyring(token, primary, tuple(secondaries), tuple(missing))

@@ -39,6 +39,8 @@ class Metrics:
         self.primary = Gauge("p11kms_primary_key_info", "The key that encrypts (value 1).", ["uuid", "label"],
                              registry=r)
         self.configured = Gauge("p11kms_keyring_keys", "Keys in the keyring by role.", ["role"], registry=r)
+        self.missing = Gauge("p11kms_keyring_missing_key", "A configured decrypt-only key that is not in the HSM "
+                             "(value 1); Decrypts under it fail until it is restored.", ["label", "role"], registry=r)
         self.decrypts = Counter("p11kms_decrypt", "Successful Decrypts by key UUID and role.", ["key_uuid", "role"],
                                 registry=r)
         self.reloads = Counter("p11kms_keyring_reloads", "Keyring reloads (SIGHUP) by result.", ["result"],
@@ -59,6 +61,9 @@ class Metrics:
         self.primary.labels(keyring.primary.uuid, keyring.primary.label).set(1)
         self.configured.labels("primary").set(1)
         self.configured.labels("secondary").set(len(keyring.secondaries))
+        self.missing.clear()
+        for missing in keyring.missing:
+            self.missing.labels(missing.label, missing.role.value).set(1)
 
     def hsm_state(self, state: str) -> None:
         self.hsm_state_info.clear()

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import grp
+import fcntl
 import logging
 import os
 import signal
 import socket
 import stat
 import threading
+import time
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from p11kms.config import ConfigError, PluginConfig, load_config, pin_source_warnings
+from p11kms.config import (
+    STAGING_NAME_BYTES,
+    ConfigError,
+    PluginConfig,
+    load_config,
+    pin_source_warnings,
+    prepare_socket_directory,
+)
 from p11kms.hsm.errors import HsmError
 from p11kms.kmsv2 import api_pb2_grpc
 from p11kms.observability import log_event
@@ -22,13 +31,10 @@ from p11kms.plugin.health import CachedHealth
 from p11kms.plugin.httpserver import PluginHttpServer, ProbeSource
 from p11kms.plugin.keyring import Keyring, KeyringError
 from p11kms.plugin.metrics import Metrics
-from p11kms.plugin.service import KmsService
-from p11kms.plugin.supervisor import KeyringSupervisor, log_keyring
+from p11kms.plugin.service import MAX_MESSAGE_BYTES, HsmAdmission, KmsService
+from p11kms.plugin.supervisor import KeyringSupervisor, adopt_reloadable, log_keyring, restart_only_changes
 
-# Settings read once at start; the rest (the key labels, log level) follow a SIGHUP reload.
-_RESTART_ONLY = ("module", "token_label", "token_serial", "slot", "pin_file", "pin_env", "socket",
-                 "socket_mode", "socket_group", "sessions", "health_interval", "log_format", "http_address")
-
+FIRST_HEALTH_ANSWER_SECONDS = 5.0  # how long start waits for the first probe, so Status never says "pending"
 
 class SocketInUse(Exception):
     """The socket path is served by a live process or is not a socket at all."""
@@ -39,7 +45,6 @@ def claim_socket_path(path: Path, logger: logging.Logger) -> None:
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
         return
     if not stat.S_ISSOCK(mode):
         raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another Socket path")
@@ -56,19 +61,180 @@ def claim_socket_path(path: Path, logger: logging.Logger) -> None:
     raise SocketInUse(f"another process is already serving on {path}; stop it first or choose another Socket")
 
 
-def _bind(server: grpc.Server, config: PluginConfig) -> None:
+def _bind(server: grpc.Server, config: PluginConfig, path: Path) -> None:
     # The socket must never exist with looser permissions than configured, not even briefly.
     previous = os.umask(0o177)
     try:
-        if server.add_insecure_port(f"unix:{config.socket}") == 0:
-            raise SocketInUse(f"cannot listen on {config.socket}")
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise SocketInUse(f"cannot listen on {path}")
     finally:
         os.umask(previous)
-    if config.socket_group is not None:
-        group = config.socket_group
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        os.chown(config.socket, -1, gid)
-    os.chmod(config.socket, config.socket_mode)
+    if config.socket_gid is not None:  # resolved when the config was loaded: a bad group never gets here
+        os.chown(path, -1, config.socket_gid)
+    os.chmod(path, config.socket_mode)
+
+
+SocketIdentity = tuple[int, int]  # (st_dev, st_ino) of the socket file this process bound
+
+
+def staging_path(path: Path) -> Path:
+    """The private name the server binds before its socket is published at ``path``.
+
+    grpcio unlinks whatever sits at the path it binds, and unlinks that path again when it stops,
+    whoever owns the file by then. Bound to a private name that is gone once published, it can
+    neither take over a live socket nor delete a successor's.
+    """
+    staged = path.with_name(f".{os.getpid()}")
+    assert len(staged.name) <= STAGING_NAME_BYTES  # config loading left room for exactly this much
+    return staged
+
+
+def publish_socket(staging: Path, path: Path, logger: logging.Logger) -> SocketIdentity:
+    """Hard-links the bound socket to its configured path; returns the identity of what was published.
+
+    The link fails rather than replace a socket that appeared meanwhile, and the file appears with
+    its final mode and group at once.
+    """
+    try:
+        claim_socket_path(path, logger)  # again: the HSM login since the first look took a while
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            raise SocketInUse(f"another process created {path} while p11kms was starting; stop it "
+                              "first or choose another Socket") from None
+        published = os.lstat(path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return published.st_dev, published.st_ino
+
+
+def remove_own_socket(path: Path, identity: SocketIdentity | None, logger: logging.Logger) -> None:
+    """Unlinks the socket file only if it is still the one this process published."""
+    if identity is None:
+        return
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if (info.st_dev, info.st_ino) == identity:
+        path.unlink(missing_ok=True)
+        return
+    log_event(logger, logging.WARNING, "the socket path now holds another file; left in place", socket=str(path))
+
+
+STARTING, SERVING, STOPPING = "starting", "serving", "stopping"
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """What the process holding a socket lock wrote into the lock file."""
+
+    pid: int | None
+    state: str
+
+    @classmethod
+    def read(cls, path: Path) -> LockHolder:
+        try:
+            fields = dict(part.split("=", 1) for part in path.read_text().split() if "=" in part)
+        except OSError:
+            fields = {}
+        pid = fields.get("pid", "")
+        return cls(int(pid) if pid.isdigit() else None, fields.get("state", ""))
+
+    def describe(self) -> str:
+        return f"pid {self.pid}" if self.pid is not None else "a process that has not written its pid yet"
+
+
+class SocketLock:
+    """An exclusive flock on ``<socket>.lock``, held from the first look at the socket until exit.
+
+    Looking at the socket path cannot tell two plugins started together apart: both see no
+    socket, and the HSM login lies between that look and the bind. The lock decides first. The
+    kernel drops it when the process dies, so a crash never leaves it held; the file stays,
+    because removing it would let one process lock the old file while another locks a new one.
+    The holder writes its pid and state into the file, for the message a second instance gives
+    and so that a successor started during a graceful stop waits for it instead of failing.
+    """
+
+    # Fixed width: a rewrite never leaves a shorter record with the tail of the previous one.
+    _RECORD = "pid={pid:<10} state={state:<10}\n"
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket = socket_path
+        self.path = socket_path.with_name(socket_path.name + ".lock")
+        self._fd: int | None = None
+        self._state = ""
+
+    def acquire(self, patience: float, logger: logging.Logger) -> None:
+        """Takes the lock, or raises SocketInUse at once; a holder that is stopping gets ``patience`` s."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._wait_for(fd, time.monotonic() + patience, patience, logger)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.mark(STARTING)
+
+    def _wait_for(self, fd: int, give_up_at: float, patience: float, logger: logging.Logger) -> None:
+        unnamed_until = time.monotonic() + 1.0  # a holder writes its pid right after it locks
+        announced: int | None = None
+        while not _try_lock(fd):
+            holder = LockHolder.read(self.path)
+            now = time.monotonic()
+            if holder.pid is None and now < unnamed_until:
+                time.sleep(0.02)
+                continue
+            if holder.state != STOPPING:
+                raise SocketInUse(f"another p11kms ({holder.describe()}) is already serving on {self.socket} "
+                                  f"and holds {self.path}; stop it first or choose another Socket")
+            if now >= give_up_at:
+                raise SocketInUse(f"p11kms {holder.describe()} is still stopping after {patience:.0f}s and holds "
+                                  f"{self.path}; wait until it has exited, then start again")
+            if announced != holder.pid:
+                announced = holder.pid
+                log_event(logger, logging.INFO, f"waiting for {holder.describe()} to finish stopping",
+                          socket=str(self.socket))
+            time.sleep(0.05)
+
+    def mark(self, state: str) -> None:
+        """Records this process's state in the lock file (a no-op unless the lock is held).
+
+        Stopping is final: a SIGTERM during start must not be overwritten by the start finishing.
+        """
+        if self._fd is None or self._state == STOPPING:
+            return
+        self._state = state
+        record = self._RECORD.format(pid=os.getpid(), state=state).encode()
+        os.pwrite(self._fd, record, 0)
+        os.ftruncate(self._fd, len(record))
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+_STOP_ALLOWANCE = 10.0  # seconds beyond Shutdown_Grace a stopping predecessor may take to log out and exit
+
+
+def _grpc_server(sessions: int, max_calls: int) -> grpc.Server:
+    """A gRPC server that holds at most ``max_calls`` calls at once; beyond that, RESOURCE_EXHAUSTED.
+
+    Two worker threads per HSM session keep every session busy while the next call is prepared;
+    more threads only fight over the GIL (measured: 256 threads served 1,220 calls/s where 16
+    served 1,840). Held calls beyond the workers wait in the executor's queue, and when one gets a
+    thread, HsmAdmission refuses it at once if its deadline can no longer be met, so the HSM does
+    no work for a caller that gave up. The bound caps threads and memory.
+    """
+    workers = min(max_calls, 2 * sessions)
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms"),
+                       maximum_concurrent_rpcs=max_calls,
+                       options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
 
 
 class Plugin:
@@ -86,24 +252,36 @@ class Plugin:
         self._stop_requested = False
         self._reload_requested = False
         self.server: grpc.Server | None = None
+        self.lock = SocketLock(config.socket)
+        self._socket_identity: SocketIdentity | None = None
 
     def healthz(self) -> str:
         """The Status healthz: the supervisor's cause at once while the HSM is down, else the cached probe."""
         return self.keys.unready_reason() or self.health.status()
 
     def start(self) -> None:
+        created = prepare_socket_directory(self.config)
+        if created is not None:
+            log_event(self.log, logging.INFO, "created the socket directory", directory=str(created))
+        # A predecessor still finishing its calls after SIGTERM is waited for; its grace is most likely ours.
+        self.lock.acquire(patience=self.config.shutdown_grace + _STOP_ALLOWANCE, logger=self.log)
         for warning in pin_source_warnings(self.config):
             log_event(self.log, logging.WARNING, warning)
         claim_socket_path(self.config.socket, self.log)
         self._start_http()  # first: a port conflict must stop the start before anything else is claimed
         self.keys.start()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.sessions * 2,
-                                                             thread_name_prefix="kms"))
-        service = KmsService(self.keys, self.healthz, self.log, self.metrics)
+        if self.keys.unready_reason() is None:
+            self.health.wait_for_first_answer(FIRST_HEALTH_ANSWER_SECONDS)
+        self.server = _grpc_server(self.config.sessions, self.config.max_calls)
+        service = KmsService(self.keys, self.healthz, self.log, self.metrics,
+                             admission=HsmAdmission(self.config.sessions))
         # The generated registration helper carries no annotations.
         api_pb2_grpc.add_KeyManagementServiceServicer_to_server(service, self.server)  # type: ignore[no-untyped-call]
-        _bind(self.server, self.config)
+        staging = staging_path(self.config.socket)
+        _bind(self.server, self.config, staging)
         self.server.start()
+        self._socket_identity = publish_socket(staging, self.config.socket, self.log)
+        self.lock.mark(SERVING)
         log_event(self.log, logging.INFO, "serving KMS v2", socket=str(self.config.socket),
                   key_id=self.keys.key_id, hsm=self.keys.state.value, sessions=self.config.sessions)
 
@@ -124,11 +302,16 @@ class Plugin:
 
     def _details(self) -> dict[str, object]:
         keyring = self.keys.current_keyring()
-        keys = [{"role": k.role.value, "label": k.label, "uuid": k.uuid} for k in keyring.keys] if keyring else []
+        keys: list[dict[str, object]] = []
+        if keyring is not None:
+            keys = [{"role": k.role.value, "label": k.label, "uuid": k.uuid, "state": "loaded"} for k in keyring.keys]
+            keys += [{"role": m.role.value, "label": m.label, "uuid": m.uuid, "state": "missing from the hsm"}
+                     for m in keyring.missing]
         return {"hsm": self.keys.state.value, "key_id": self.keys.key_id, "keys": keys}
 
     def request_stop(self) -> None:
         self._stop_requested = True
+        self.lock.mark(STOPPING)  # at once: a successor started right after SIGTERM waits instead of failing
         self._wake.set()
 
     def request_reload(self) -> None:
@@ -156,12 +339,13 @@ class Plugin:
                       error=str(exc), key_id=self.keys.key_id)
             return
         self.metrics.reload(succeeded=True)
-        ignored = [name for name in _RESTART_ONLY if getattr(config, name) != getattr(self.config, name)]
+        ignored = restart_only_changes(self.config, config)
         if ignored:
-            log_event(self.log, logging.WARNING, "reload ignores settings that need a restart",
-                      settings=",".join(ignored))
+            log_event(self.log, logging.WARNING, "reload ignores settings that need a restart; they keep their "
+                      "running values until the plugin is restarted", settings=",".join(ignored))
+        self.config = adopt_reloadable(self.config, config)
         self.health.invalidate()
-        self.log.setLevel(config.log_level.upper())
+        self.log.setLevel(self.config.log_level.upper())
         if keyring is None:
             log_event(self.log, logging.WARNING, "reload noted; the hsm is down, the new keys apply on reconnect")
             return
@@ -174,7 +358,8 @@ class Plugin:
             self.server.stop(self.config.shutdown_grace).wait()
         if self.http is not None:
             self.http.stop()
-        self.config.socket.unlink(missing_ok=True)
+        remove_own_socket(self.config.socket, self._socket_identity, self.log)
+        self.health.stop()
         self.keys.stop()
         log_event(self.log, logging.INFO, "stopped")
 

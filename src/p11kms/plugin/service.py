@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 import grpc
@@ -21,9 +23,21 @@ from p11kms.hsm.errors import (
 )
 from p11kms.kmsv2 import api_pb2, api_pb2_grpc
 from p11kms.observability import log_event
-from p11kms.plugin.keyring import InvalidPlaintext, Keyring, MalformedCiphertext, UnknownKeyId
+from p11kms.plugin.keyring import (
+    MAX_CIPHERTEXT_BYTES,
+    MAX_PLAINTEXT_BYTES,
+    InvalidPlaintext,
+    Keyring,
+    MalformedCiphertext,
+    UnknownKeyId,
+)
 
 API_VERSION = "v2"
+MAX_KEY_ID_BYTES = 1024  # kube-apiserver refuses longer key_ids (spec 2.2)
+# The largest valid request is a Decrypt with a 1 KiB ciphertext, a 1 KiB key_id and 32 KiB of
+# annotations (spec 2.7); anything past this is refused by gRPC (RESOURCE_EXHAUSTED) before it is parsed.
+MAX_MESSAGE_BYTES = 64 * 1024
+_NO_DEADLINE = 86400.0  # gRPC reports "no deadline" as centuries left
 _Reply = TypeVar("_Reply")
 _Result = TypeVar("_Result")
 
@@ -57,11 +71,94 @@ class BadRequest(Exception):
     """The request itself is invalid (before any key is touched)."""
 
 
+class DeadlineTooClose(Exception):
+    """The caller's deadline has passed, or leaves less time than the HSM needs: refused before the HSM."""
+
+
+class HsmAdmission:
+    """Lets a call use the HSM only while it can still finish before its deadline.
+
+    When calls arrive faster than the HSM answers, a call that waits past its deadline has been
+    given up by its caller, yet would still cost the HSM an operation and delay every call
+    behind it: congestion collapse. A call is admitted only if the time it has left covers the
+    expected wait for one of the ``slots`` sessions plus one operation, both estimated from the
+    operations just finished; otherwise it is refused at once. A call that waits anyway gives
+    up while there is still time for the caller to hear why.
+    """
+
+    _SMOOTHING = 0.2  # weight of the newest operation in the running estimate
+    _MARGIN = 1.25  # operations vary: a call that would end just at its deadline likely misses it
+
+    def __init__(self, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._slots = slots
+        self._free = slots
+        self._waiting = 0
+        self._operation = 0.0  # seconds one HSM operation takes; learned from the calls served
+        self._clock = clock
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def slot(self, remaining: float | None) -> Iterator[None]:
+        """Holds one HSM slot for the block, or raises DeadlineTooClose; ``remaining`` None: no deadline."""
+        self._enter(remaining)
+        started = self._clock()
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            self._leave(self._clock() - started if finished else None)
+
+    def _enter(self, remaining: float | None) -> None:
+        with self._changed:
+            needed = self._operation * self._MARGIN
+            if remaining is not None:
+                self._refuse_hopeless(remaining, needed)
+            give_up_at = None if remaining is None else self._clock() + remaining - needed
+            self._waiting += 1
+            try:
+                while self._free == 0:
+                    left = None if give_up_at is None else give_up_at - self._clock()
+                    if left is not None and left <= 0:
+                        raise DeadlineTooClose(f"no HSM session became free in time; {self._advice()}")
+                    self._changed.wait(left)
+            finally:
+                self._waiting -= 1
+            if give_up_at is not None and self._clock() >= give_up_at:
+                self._changed.notify()  # woken too late: the free session goes to the next waiter
+                raise DeadlineTooClose(f"no HSM session became free in time; {self._advice()}")
+            self._free -= 1
+
+    def _refuse_hopeless(self, remaining: float, needed: float) -> None:
+        if remaining <= 0:
+            raise DeadlineTooClose("the caller's deadline passed before the call was started")
+        if remaining <= needed:
+            raise DeadlineTooClose(f"{remaining * 1000:.0f} ms left before the caller's deadline; an HSM "
+                                   f"operation takes about {self._operation * 1000:.0f} ms")
+        rounds = self._waiting // self._slots + 1 if self._free == 0 else 0
+        if rounds * self._operation + needed > remaining:
+            raise DeadlineTooClose(f"{self._waiting} calls are waiting for {self._slots} HSM sessions; the wait "
+                                   f"would outlast the {remaining * 1000:.0f} ms left; {self._advice()}")
+
+    def _advice(self) -> str:
+        return (f"the HSM takes about {self._operation * 1000:.0f} ms an operation; raise Sessions if the HSM "
+                "has capacity, or the KMS timeout in the EncryptionConfiguration")
+
+    def _leave(self, seconds: float | None) -> None:
+        with self._changed:
+            self._free += 1
+            if seconds is not None:  # failed operations say nothing about the pace of good ones
+                self._operation += self._SMOOTHING * (seconds - self._operation) if self._operation else seconds
+            self._changed.notify()
+
+
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """Maps every error the layers below raise to a gRPC status code and a message for the caller."""
     match exc:
         case BadRequest() | MalformedCiphertext() | InvalidPlaintext() | CiphertextRejected():
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        case DeadlineTooClose():
+            return grpc.StatusCode.DEADLINE_EXCEEDED, f"refused before reaching the HSM: {exc}"
         case UnknownKeyId():
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         case KeyNotUsable() | KeyNotFound():
@@ -77,8 +174,9 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
     """Serves Status, Encrypt and Decrypt from whatever keyring ``keyring()`` returns at call time."""
 
     def __init__(self, keys: KeyringAccess, health: Callable[[], str], logger: logging.Logger,
-                 observer: ServiceObserver | None = None) -> None:
+                 observer: ServiceObserver | None = None, *, admission: HsmAdmission) -> None:
         self._keys = keys
+        self._admission = admission
         self._health = health
         self._log = logger
         self._observer = observer or NullServiceObserver()
@@ -90,8 +188,11 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
 
     def Encrypt(self, request: api_pb2.EncryptRequest, context: grpc.ServicerContext) -> api_pb2.EncryptResponse:
         def encrypt() -> api_pb2.EncryptResponse:
-            # Ciphertext and key_id come from the same keyring, even if a reload swaps it meanwhile.
-            ciphertext, key_id = self._keys.run(lambda keyring: (keyring.encrypt(request.plaintext), keyring.key_id))
+            _check_encrypt_request(request)
+            with self._admission.slot(_time_left(context)):
+                # Ciphertext and key_id come from the same keyring, even if a reload swaps it meanwhile.
+                ciphertext, key_id = self._keys.run(lambda keyring: (keyring.encrypt(request.plaintext),
+                                                                     keyring.key_id))
             log_event(self._log, logging.DEBUG, "encrypt", uid=request.uid, key_uuid=key_id)
             return api_pb2.EncryptResponse(ciphertext=ciphertext, key_id=key_id)
 
@@ -100,8 +201,9 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
     def Decrypt(self, request: api_pb2.DecryptRequest, context: grpc.ServicerContext) -> api_pb2.DecryptResponse:
         def decrypt() -> api_pb2.DecryptResponse:
             _check_decrypt_request(request)
-            plaintext, role = self._keys.run(lambda keyring: (keyring.decrypt(request.ciphertext, request.key_id),
-                                                              keyring.key_for(request.key_id).role.value))
+            with self._admission.slot(_time_left(context)):
+                plaintext, role = self._keys.run(lambda keyring: (keyring.decrypt(request.ciphertext, request.key_id),
+                                                                  keyring.key_for(request.key_id).role.value))
             self._observer.decrypted(request.key_id, role)
             log_event(self._log, logging.DEBUG, "decrypt", uid=request.uid, key_uuid=request.key_id)
             return api_pb2.DecryptResponse(plaintext=plaintext)
@@ -127,9 +229,27 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
         return reply
 
 
+def _time_left(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE else remaining
+
+
+def _check_encrypt_request(request: api_pb2.EncryptRequest) -> None:
+    if len(request.plaintext) > MAX_PLAINTEXT_BYTES:
+        raise BadRequest(f"plaintext is {len(request.plaintext)} bytes; at most {MAX_PLAINTEXT_BYTES} fit in the "
+                         f"{MAX_CIPHERTEXT_BYTES}-byte ciphertext limit of KMS v2")
+
+
 def _check_decrypt_request(request: api_pb2.DecryptRequest) -> None:
     if not request.key_id:
         raise BadRequest("key_id is empty; send the key_id that Encrypt returned with this ciphertext")
+    key_id_bytes = len(request.key_id.encode())
+    if key_id_bytes > MAX_KEY_ID_BYTES:
+        raise BadRequest(f"key_id is {key_id_bytes} bytes; KMS v2 key_ids are at most {MAX_KEY_ID_BYTES} bytes "
+                         "and p11kms issues 36-byte UUIDs: send the key_id that Encrypt returned")
+    if len(request.ciphertext) > MAX_CIPHERTEXT_BYTES:
+        raise BadRequest(f"ciphertext is {len(request.ciphertext)} bytes; p11kms never issues more than "
+                         f"{MAX_CIPHERTEXT_BYTES}")
     if request.annotations:
         names = ", ".join(sorted(request.annotations))
         raise BadRequest(

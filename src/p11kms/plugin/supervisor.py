@@ -14,12 +14,13 @@ request is inside the module (a shared/exclusive gate) before C_Finalize.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
-import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
@@ -29,6 +30,7 @@ from p11kms.hsm.errors import (
     DuplicateKeyLabel,
     HsmError,
     HsmUnavailable,
+    KeyHandleInvalid,
     KeyNotFound,
     LoginFailed,
 )
@@ -37,17 +39,32 @@ from p11kms.hsm.observer import HsmObserver
 from p11kms.hsm.token import Token, open_token
 from p11kms.observability import log_event
 from p11kms.plugin.health import describe_failure
-from p11kms.plugin.keyring import Keyring, KeyringError, UnsuitableKey, build_keyring
+from p11kms.plugin.keyring import KeyMissing, Keyring, KeyringError, UnsuitableKey, build_keyring
 
 NOT_READY_KEY_ID = "p11kms-keyring-not-loaded"  # Status key_id before any key was ever loaded
+# What a reload (SIGHUP) adopts; every other setting keeps its value from the start until a restart.
+RELOADABLE = ("primary_key", "secondary_keys", "log_level")
+GATE_WAIT_SECONDS = 2.0  # a request waits at most this long for a reconnect to finish, then fails
+MISSING_KEY_RECHECK_SECONDS = 5.0  # how often a Decrypt under a missing key may look for it again
 _Result = TypeVar("_Result")
 
 
-def open_configured_token(config: PluginConfig) -> Token:
-    """Loads the module, finds the configured token and logs in with the configured PIN source."""
+def open_configured_token(config: PluginConfig, pin: bytes | None = None) -> Token:
+    """Loads the module, finds the configured token and logs in with ``pin`` or the configured PIN source."""
     module = load_module(config.module)
     info = module.find_token(label=config.token_label, serial=config.token_serial, slot=config.slot)
-    return open_token(module, info, read_pin(config), config.sessions)
+    return open_token(module, info, read_pin(config) if pin is None else pin, config.sessions)
+
+
+def restart_only_changes(running: PluginConfig, new: PluginConfig) -> list[str]:
+    """The settings that differ between ``running`` and ``new`` but only take effect on a restart."""
+    return [f.name for f in dataclasses.fields(PluginConfig)
+            if f.compare and f.name not in (*RELOADABLE, "path") and getattr(running, f.name) != getattr(new, f.name)]
+
+
+def adopt_reloadable(running: PluginConfig, new: PluginConfig) -> PluginConfig:
+    """``running`` with the reloadable settings of ``new``: the module, token, PIN source and pool stay."""
+    return dataclasses.replace(running, lines=new.lines, **{name: getattr(new, name) for name in RELOADABLE})
 
 
 def log_keyring(logger: logging.Logger, keyring: Keyring, event: str) -> None:
@@ -55,11 +72,22 @@ def log_keyring(logger: logging.Logger, keyring: Keyring, event: str) -> None:
     for kek in keyring.keys:
         log_event(logger, logging.INFO, f"{event}: key", role=kek.role.value, label=kek.label,
                   uuid=kek.uuid, uuid_source=kek.uuid_source)
+    for missing in keyring.missing:
+        log_event(logger, logging.WARNING, f"{event}: configured key missing from the hsm",
+                  role=missing.role.value, label=missing.label, uuid=missing.uuid or "unknown",
+                  effect="decrypts under this key fail; the primary keeps serving",
+                  fix="restore the key from an hsm backup or replica, then send SIGHUP; never create a new key "
+                      "under the old label")
+
+
+def _digest(pin: bytes) -> str:
+    """A digest to notice that a PIN changed. Never logged."""
+    return hashlib.sha256(pin).hexdigest()
 
 
 class SupervisorObserver(Protocol):
     def keyring_loaded(self, keyring: Keyring) -> None:
-        """A keyring became current (start, reconnect or reload)."""
+        """A keyring became current (start, reconnect, reload or refresh)."""
 
     def hsm_state(self, state: str) -> None: ...
 
@@ -85,7 +113,7 @@ class HsmState(enum.StrEnum):
 
 
 class _Gate:
-    """Any number of requests at once, or one reconnect alone."""
+    """Any number of requests at once, or one reconnect alone. Both kinds of wait can be bounded."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -93,32 +121,44 @@ class _Gate:
         self._exclusive = False
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self, timeout: float | None = None) -> Iterator[bool]:
+        """Yields False, without entering, when a reconnect holds the gate longer than ``timeout``."""
         with self._cond:
-            while self._exclusive:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: not self._exclusive, timeout):
+                yield False
+                return
             self._active += 1
         try:
-            yield
+            yield True
         finally:
             with self._cond:
                 self._active -= 1
                 self._cond.notify_all()
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, timeout: float | None = None) -> Iterator[bool]:
+        """Yields False, holding nothing, when the gate is not free within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._exclusive:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: not self._exclusive, _remaining(deadline)):
+                yield False
+                return
             self._exclusive = True
-            while self._active:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: self._active == 0, _remaining(deadline)):
+                self._exclusive = False
+                self._cond.notify_all()
+                yield False
+                return
         try:
-            yield
+            yield True
         finally:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class KeyringSupervisor:
@@ -136,16 +176,21 @@ class KeyringSupervisor:
         self._on_ready = on_ready or (lambda: None)
         self._observer = observer or NullSupervisorObserver()
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._gate = _Gate()
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._token: Token | None = None
         self._keyring: Keyring | None = None
+        self._known_uuids: dict[str, str] = {}  # label -> UUID of every key ever loaded here
         self._last_key_id: str | None = None
         self._generation = 0
+        self._last_refresh = 0.0
         self._state = HsmState.CONNECTING
         self._cause = "connecting to the hsm"
-        self._pin_fingerprint: str | None = None
+        self._env_pin: bytes | None = None
+        self._used_pin_digest: str | None = None
+        self._refused_pin_digest: str | None = None
         self.reconnects = 0
         self._thread = threading.Thread(target=self._recovery_loop, daemon=True, name="hsm-recovery")
 
@@ -166,55 +211,133 @@ class KeyringSupervisor:
         return self._keyring if self._state is HsmState.READY else None
 
     def run(self, work: Callable[[Keyring], _Result]) -> _Result:
-        """Runs ``work`` with the current keyring; fails fast while the HSM is down."""
+        """Runs ``work`` with the current keyring; fails fast while the HSM is down.
+
+        The keyring is taken inside the gate: a reconnect, which closes the token the keyring
+        uses, can then neither run between taking the keyring and using it nor during its use.
+        """
+        self._serving_keyring()  # fail fast, without queueing behind a reconnect
+        with self._gate.shared(GATE_WAIT_SECONDS) as entered:
+            if not entered:
+                raise HsmUnavailable("the plugin is reconnecting to the hsm; retry")
+            keyring, generation = self._serving_keyring()
+            try:
+                return self._run_on(keyring, generation, work)
+            except (HsmUnavailable, LoginFailed, KeyNotFound) as exc:
+                self._on_failure(exc, generation)
+                raise
+
+    def _serving_keyring(self) -> tuple[Keyring, int]:
         with self._lock:
             keyring, generation, state, cause = self._keyring, self._generation, self._state, self._cause
         if state is not HsmState.READY or keyring is None:
             raise (LoginFailed if state is HsmState.LOGIN_REFUSED else HsmUnavailable)(cause)
-        with self._gate.shared():
-            try:
-                return work(keyring)
-            except (HsmUnavailable, LoginFailed) as exc:
-                self._on_failure(exc, generation)
-                raise
+        return keyring, generation
+
+    def _run_on(self, keyring: Keyring, generation: int, work: Callable[[Keyring], _Result]) -> _Result:
+        """Runs ``work``; when a key is gone or back behind our back, looks the keys up again and retries once."""
+        try:
+            return work(keyring)
+        except KeyHandleInvalid:
+            return work(self._refresh_keyring(keyring, generation))
+        except KeyMissing:
+            if time.monotonic() - self._last_refresh < MISSING_KEY_RECHECK_SECONDS:
+                raise  # looked recently; do not search the token on every such Decrypt
+            return work(self._refresh_keyring(keyring, generation))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Connects once. Mistakes an operator must fix (a key missing, duplicated or unsuitable)
-        raise; HSM trouble (unreachable, token absent, PIN refused) leaves the plugin up and
-        recovering, with the cause in Status."""
+        """Connects once. Mistakes an operator must fix (the primary missing, a label duplicated, a
+        key unsuitable) raise; HSM trouble (unreachable, token absent, PIN refused) leaves the
+        plugin up and recovering, with the cause in Status. A missing secondary only warns."""
         try:
             self._connect(fresh=True)
         except (KeyNotFound, DuplicateKeyLabel, UnsuitableKey):
             raise
         except (HsmError, KeyringError, PinError) as exc:
-            self._mark_down(exc, "cannot use the hsm at start; serving and retrying")
+            self._mark_down(exc, "cannot use the hsm at start; serving")
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Closes the token once no call is inside the module; gives up after ``timeout`` seconds
+        (a hung HSM must not hold up the end of the process)."""
         self._stopped.set()
         self._wake.set()
-        with self._gate.exclusive():
-            if self._token is not None:
-                self._token.close()
-                self._token = None
+        with self._gate.exclusive(timeout) as entered:
+            if entered:
+                self._retire_token()
+                return
+        log_event(self._log, logging.WARNING, "hsm calls still running at stop; leaving their sessions to the "
+                  "end of the process", waited_seconds=timeout)
 
     def reload(self, config: PluginConfig) -> Keyring | None:
-        """Adopts new key labels. Returns the new keyring, or None when the HSM is down (the next
-        reconnect uses the new labels, and a refused login gets one new attempt). Raises, keeping
-        the previous keyring, when the new labels cannot be used."""
-        if self._state is not HsmState.READY or self._token is None:
-            self._config = config
-            self._wake.set()
-            return None
-        token = self._token
-        keyring = self.run(lambda _current: build_keyring(token, config.primary_key, config.secondary_keys))
-        with self._lock:
-            self._config = config
-            self._keyring = keyring
-            self._last_key_id = keyring.key_id
+        """Adopts new key labels (and nothing that needs a restart). Returns the new keyring, or
+        None when the HSM is down (the next reconnect uses the new labels, and a refused login
+        gets one new attempt). Raises, keeping the previous keyring, when the new labels cannot
+        be used."""
+        adopted = adopt_reloadable(self._config, config)
+        with self._gate.shared(GATE_WAIT_SECONDS) as entered:
+            if not entered:
+                raise HsmUnavailable("a reconnect to the hsm is under way; send SIGHUP again when it is done")
+            with self._lock:
+                token, generation, ready = self._token, self._generation, self._state is HsmState.READY
+            if not ready or token is None:
+                self._adopt_for_reconnect(adopted)
+                return None
+            try:
+                keyring = self._build_keyring(token, adopted)
+            except (HsmUnavailable, LoginFailed) as exc:
+                self._adopt_for_reconnect(adopted)  # the labels were not the problem
+                self._on_failure(exc, generation)
+                raise
+            self._install(keyring, adopted)
         self._observer.keyring_loaded(keyring)
         return keyring
+
+    def _adopt_for_reconnect(self, config: PluginConfig) -> None:
+        with self._lock:
+            self._config = config
+        self._wake.set()
+
+    # -- keyrings -------------------------------------------------------------------------------
+    def _build_keyring(self, token: Token, config: PluginConfig) -> Keyring:
+        try:
+            return build_keyring(token, config.primary_key, config.secondary_keys, self._known_uuids)
+        except KeyNotFound as exc:
+            raise KeyNotFound(
+                f"{exc} (Primary_key, {config.where('primary_key')}): create it with `p11kms keys create "
+                f"--label {config.primary_key}` or correct Primary_key", ckr=exc.ckr) from exc
+
+    def _install(self, keyring: Keyring, config: PluginConfig | None = None) -> None:
+        """Makes ``keyring`` current. Callers hold the gate, so no reconnect runs meanwhile."""
+        with self._lock:
+            if config is not None:
+                self._config = config
+            self._keyring, self._last_key_id = keyring, keyring.key_id
+            self._known_uuids.update(keyring.known_uuids())
+
+    def _refresh_keyring(self, stale: Keyring, generation: int) -> Keyring:
+        """Looks the configured keys up again on the same token (no reconnect), once for all callers."""
+        with self._refresh_lock:
+            with self._lock:
+                current, current_generation = self._keyring, self._generation
+            if current is not stale or current_generation != generation:
+                if current is None:
+                    raise HsmUnavailable("the hsm connection is being repaired; retry")
+                return current  # another caller (or a reload) already did it
+            keyring = self._build_keyring(stale.token, self._config)
+            self._last_refresh = time.monotonic()
+            self._install(keyring)
+        log_keyring(self._log, keyring, "keyring refreshed")
+        self._observer.keyring_loaded(keyring)
+        return keyring
+
+    def _retire_token(self) -> None:
+        """Closes the token and forgets the keyring built on it. Callers hold the gate exclusively."""
+        with self._lock:
+            token, self._token, self._keyring = self._token, None, None
+        if token is not None:
+            token.close()
 
     # -- failures and recovery ----------------------------------------------------------------
     def _on_failure(self, exc: HsmError, generation: int) -> None:
@@ -230,17 +353,28 @@ class KeyringSupervisor:
             self._state = HsmState.LOGIN_REFUSED if refused else HsmState.RECOVERING
             self._cause = describe_failure(exc)
             if refused:
-                self._pin_fingerprint = self._pin_source_fingerprint()
+                self._refused_pin_digest = self._used_pin_digest
         self._observer.hsm_state(self._state.value)
         return refused
 
     def _mark_down(self, exc: BaseException, message: str) -> None:
         refused = self._record_failure(exc)
-        hint = ("not retrying on a timer: fix the PIN source (a change is noticed) or send SIGHUP"
-                if refused else "retrying with back-off")
-        log_event(self._log, logging.ERROR, message, error=str(exc), cause=self._cause, next=hint)
+        next_step = "reconnecting with back-off"
+        if refused:
+            next_step = ("waiting: restart the plugin with the corrected PIN variable" if self._config.pin_env
+                         else "waiting: fix the PIN file (a change is noticed) or send SIGHUP")
+        log_event(self._log, logging.ERROR, message, error=str(exc), cause=self._cause, next=next_step)
         if not refused:
             self._wake.set()  # start reconnecting now; a refused login waits for a reason to retry
+
+    def _read_pin(self, config: PluginConfig) -> bytes:
+        """The PIN to log in with. An environment variable cannot change under a running process,
+        so its value is read once and kept; a PIN file is read again for every login."""
+        if config.pin_env is None:
+            return read_pin(config)
+        if self._env_pin is None:
+            self._env_pin = read_pin(config)
+        return self._env_pin
 
     def _connect(self, *, fresh: bool) -> None:
         """Opens the token and builds the keyring. Except on the very first try, the module is
@@ -250,19 +384,20 @@ class KeyringSupervisor:
             if not self._module.initialized:
                 self._module.initialize()
         else:
-            if self._token is not None:
-                self._token.close()
-                self._token = None
+            self._retire_token()
             self._module.reinitialize()
         config = self._config
-        token = open_configured_token(config)
+        pin = self._read_pin(config)
+        self._used_pin_digest = _digest(pin)
+        token = open_configured_token(config, pin)
         try:
-            keyring = build_keyring(token, config.primary_key, config.secondary_keys)
+            keyring = self._build_keyring(token, config)
         except BaseException:
             token.close()
             raise
+        self._install(keyring)
         with self._lock:
-            self._token, self._keyring, self._last_key_id = token, keyring, keyring.key_id
+            self._token = token
             self._generation += 1
             self._state, self._cause = HsmState.READY, "ok"
         log_keyring(self._log, keyring, "keyring loaded")
@@ -289,13 +424,14 @@ class KeyringSupervisor:
                 delay = min(delay * 2, self._retry_max)
 
     def _login_retry_allowed(self) -> bool:
-        """True after a reload or when the PIN source changed; waits up to one poll interval."""
+        """True after a reload, or when the PIN source now holds another PIN than the refused one;
+        waits up to one poll interval. A PIN that was refused is never tried again by itself."""
         if self._wake.wait(self._pin_poll):
             return True
-        return self._pin_source_fingerprint() != self._pin_fingerprint
+        return self._pin_source_digest() not in (None, self._refused_pin_digest)
 
     def _attempt(self) -> bool:
-        with self._gate.exclusive():
+        with self._gate.exclusive() as _:
             if self._stopped.is_set():
                 return False
             self.reconnects += 1
@@ -313,11 +449,9 @@ class KeyringSupervisor:
                   key_id=self.key_id)
         return True
 
-    def _pin_source_fingerprint(self) -> str | None:
-        """A digest of the PIN source, to notice when an operator fixes it. Never logged."""
-        config = self._config
+    def _pin_source_digest(self) -> str | None:
+        """The digest of the PIN the source holds now, or None when it cannot be read."""
         try:
-            raw = config.pin_file.read_bytes() if config.pin_file else os.environ.get(config.pin_env or "", "").encode()
-        except OSError:
+            return _digest(self._read_pin(self._config))
+        except (PinError, OSError):
             return None
-        return hashlib.sha256(raw).hexdigest()

@@ -1,0 +1,172 @@
+"""The supervisor in this process, on a private SoftHSM2 instance: races with reconnects, reloads
+that must not adopt restart-only settings, and keys that go missing.
+
+Each test loads its own copy of the SoftHSM2 library (tests.support.private_module_copy), so it can
+finalise and initialise the module, as a reconnect does, without disturbing the token the rest of
+the test session uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+
+from p11kms.config import PluginConfig, load_config
+from p11kms.hsm.errors import HsmUnavailable, KeyNotFound
+from p11kms.hsm.token import Token
+from p11kms.plugin.keyring import KeyMissing, Keyring, build_keyring
+from p11kms.plugin.supervisor import HsmState, KeyringSupervisor, _Gate
+from tests.support import HsmEnv, private_module_copy, unique_label, wait_until
+
+Keys = Callable[[], tuple[str, str]]
+
+
+@pytest.fixture
+def private_config(hsm_env: HsmEnv, tmp_path: Path) -> Callable[..., PluginConfig]:
+    module = private_module_copy(tmp_path / "softhsm", hsm_env.module)
+
+    def write(primary: str, secondary: str = "", name: str = "p11kms.cfg", **attributes: str) -> PluginConfig:
+        path = hsm_env.write_config(tmp_path / name, primary, secondary, PKCS11_Module=str(module), **attributes)
+        return load_config(path)
+
+    return write
+
+
+@pytest.fixture
+def supervisors() -> Iterator[list[KeyringSupervisor]]:
+    started: list[KeyringSupervisor] = []
+    yield started
+    for supervisor in started:
+        supervisor.stop()
+
+
+def start(config: PluginConfig, started: list[KeyringSupervisor]) -> KeyringSupervisor:
+    supervisor = KeyringSupervisor(config, logging.getLogger("test-supervisor"), retry_initial=0.05, pin_poll=0.2)
+    supervisor.start()
+    started.append(supervisor)
+    return supervisor
+
+
+def fail_like_a_dead_device(supervisor: KeyringSupervisor) -> None:
+    """A request whose HSM call failed as a dead device fails: the supervisor starts a reconnect."""
+    def dead(_keyring: Keyring) -> None:
+        raise HsmUnavailable("C_Encrypt failed: CKR_DEVICE_ERROR (0x30)", ckr=0x30)
+
+    with pytest.raises(HsmUnavailable):
+        supervisor.run(dead)
+
+
+class HeldBackGate:
+    """Wraps the supervisor's gate and holds the next request back just before it enters.
+
+    This forces the interleaving of the defect: a request has decided which keyring to use, a
+    reconnect then closes that keyring's token and opens a new one, and only then does the
+    request enter the gate.
+    """
+
+    def __init__(self, real: _Gate) -> None:
+        self._real = real
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self._armed = True
+
+    def shared(self, timeout: float | None = None) -> AbstractContextManager[bool]:
+        if self._armed:
+            self._armed = False
+            self.arrived.set()
+            self.release.wait(20)
+        return self._real.shared(timeout) if timeout is not None else self._real.shared()
+
+    def exclusive(self, timeout: float | None = None) -> AbstractContextManager[bool]:
+        return self._real.exclusive(timeout) if timeout is not None else self._real.exclusive()
+
+
+def test_a_request_racing_a_reconnect_uses_the_new_token_and_never_blocks(
+        private_config: Callable[..., PluginConfig], new_key: Keys, supervisors: list[KeyringSupervisor]) -> None:
+    supervisor = start(private_config(new_key()[0]), supervisors)
+    gate = HeldBackGate(supervisor._gate)
+    supervisor._gate = gate  # type: ignore[assignment]
+    outcome: list[object] = []
+
+    def late_request() -> None:
+        try:
+            outcome.append(supervisor.run(lambda keyring: keyring.encrypt(b"r" * 32)))
+        except Exception as exc:
+            outcome.append(exc)
+
+    request = threading.Thread(target=late_request, daemon=True)
+    request.start()
+    assert gate.arrived.wait(5)
+    fail_like_a_dead_device(supervisor)
+    wait_until(lambda: supervisor.reconnects >= 1 and supervisor.state is HsmState.READY)
+    gate.release.set()
+    request.join(10)
+    assert not request.is_alive(), "the request blocked for ever on the closed token's session pool"
+    assert len(outcome) == 1 and isinstance(outcome[0], bytes), outcome
+    stopping = threading.Thread(target=supervisor.stop, daemon=True)
+    stopping.start()
+    stopping.join(10)
+    assert not stopping.is_alive(), "stop() hung"
+
+
+def test_a_reload_never_adopts_settings_that_need_a_restart(
+        private_config: Callable[..., PluginConfig], new_key: Keys, supervisors: list[KeyringSupervisor],
+        tmp_path: Path) -> None:
+    label = new_key()[0]
+    supervisor = start(private_config(label), supervisors)
+    wrong_pin = tmp_path / "other.pin"
+    wrong_pin.write_text("not-the-pin-7\n")
+    wrong_pin.chmod(0o600)
+    edited = private_config(label, name="edited.cfg", PIN_File=str(wrong_pin), Sessions="3")
+    assert supervisor.reload(edited) is not None
+    fail_like_a_dead_device(supervisor)
+    wait_until(lambda: supervisor.reconnects >= 1 and supervisor.state is not HsmState.RECOVERING)
+    # The reconnect used the PIN source the plugin started with, not the edited one.
+    assert supervisor.state is HsmState.READY, supervisor.unready_reason()
+    keyring = supervisor.current_keyring()
+    assert keyring is not None
+    assert keyring.decrypt(keyring.encrypt(b"k" * 32), keyring.key_id) == b"k" * 32
+
+
+def test_a_missing_secondary_at_start_leaves_the_primary_serving(
+        private_config: Callable[..., PluginConfig], new_key: Keys, supervisors: list[KeyringSupervisor]) -> None:
+    absent = unique_label("restored-later")
+    supervisor = start(private_config(new_key()[0], absent), supervisors)
+    assert supervisor.state is HsmState.READY
+    keyring = supervisor.current_keyring()
+    assert keyring is not None and [m.label for m in keyring.missing] == [absent]
+    assert supervisor.run(lambda k: k.decrypt(k.encrypt(b"p" * 32), k.key_id)) == b"p" * 32
+
+
+def test_a_missing_primary_at_start_names_role_file_line_and_fix(
+        private_config: Callable[..., PluginConfig], supervisors: list[KeyringSupervisor]) -> None:
+    absent = unique_label("typo")
+    config = private_config(absent)
+    with pytest.raises(KeyNotFound) as caught:
+        start(config, supervisors)
+    message = str(caught.value)
+    assert f"primary key {absent!r}" in message
+    assert f"{config.path}:1" in message and "p11kms keys create" in message
+
+
+def test_a_secondary_deleted_at_runtime_refuses_only_its_decrypts(
+        private_config: Callable[..., PluginConfig], new_key: Keys, token: Token,
+        supervisors: list[KeyringSupervisor]) -> None:
+    primary, (old_label, old_uuid) = new_key()[0], new_key()
+    sealed_under_old = build_keyring(token, old_label, []).encrypt(b"o" * 32)
+    supervisor = start(private_config(primary, old_label), supervisors)
+    assert supervisor.run(lambda k: k.decrypt(sealed_under_old, old_uuid)) == b"o" * 32
+    token.destroy_object(token.find_one_secret_key(old_label))
+
+    with pytest.raises(KeyMissing) as caught:
+        supervisor.run(lambda k: k.decrypt(sealed_under_old, old_uuid))
+    assert old_label in str(caught.value) and old_uuid in str(caught.value)
+    assert "restore it from an HSM backup" in str(caught.value)
+    for _ in range(20):
+        assert supervisor.run(lambda k: k.decrypt(k.encrypt(b"n" * 32), k.key_id)) == b"n" * 32
+    assert supervisor.state is HsmState.READY and supervisor.reconnects == 0
