@@ -18,13 +18,18 @@ etcd --name demo --data-dir "$work/etcd" --listen-client-urls "$etcd_url" --adve
   >"$work/etcd.log" 2>&1 & pids+=($!)
 
 # Creates the development token and config, then gives the plugin's HTTP listener an address:
-# DEMO_HTTP_ADDRESS (default 127.0.0.1:8095, as for dev.sh); 127.0.0.1:0 takes any free port.
+# DEMO_HTTP_ADDRESS, by default 127.0.0.1:0 (any free port), so the demo runs beside scripts/dev.sh,
+# whose plugin holds the default 127.0.0.1:8095. The address taken is in the plugin log.
 "$PY" -m p11kms keys list --dev --dev-dir "$work/dev" >/dev/null
-echo "HTTP_Address = ${DEMO_HTTP_ADDRESS:-127.0.0.1:8095}" >>"$work/dev/p11kms.cfg"
+echo "HTTP_Address = ${DEMO_HTTP_ADDRESS:-127.0.0.1:0}" >>"$work/dev/p11kms.cfg"
 
 start_plugin() {
   "$PY" -m p11kms serve --dev --dev-dir "$work/dev" >>"$work/plugin.log" 2>&1 & plugin_pid=$!
-  for _ in $(seq 100); do "$PY" -m p11kms status --socket "$work/dev/kms.sock" >/dev/null 2>&1 && return; sleep 0.1; done
+  for _ in $(seq 100); do
+    "$PY" -m p11kms status --socket "$work/dev/kms.sock" >/dev/null 2>&1 && return
+    kill -0 "$plugin_pid" 2>/dev/null || { echo "plugin exited:"; cat "$work/plugin.log"; exit 1; }  # at once
+    sleep 0.1
+  done
   echo "plugin did not start"; cat "$work/plugin.log"; exit 1
 }
 start_plugin

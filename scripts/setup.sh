@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 packages=(softhsm2 python3-venv)
 if [[ "${1:-}" == "--dev" ]]; then
   packages+=(opensc p11-kit p11-kit-modules libp11-kit-dev gcc etcd-server etcd-client
-             ninja-build pkg-config libffi-dev libtasn1-6-dev xz-utils systemd)
+             ninja-build pkg-config libffi-dev libtasn1-6-dev xz-utils systemd
+             libnss3   # NSS softoken: the second PKCS#11 implementation of tests/hsm/test_nss.py
+             prometheus   # promtool: tests/test_prometheus_rules.py
+             podman runc debootstrap)  # the image build: tests/test_image.py
 fi
 
 missing=()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -96,6 +98,23 @@ class PluginProcess:
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
+
+    def http_url(self) -> str:
+        """``http://HOST:PORT`` of the plugin's HTTP listener, as its start log line says."""
+        found = re.search(r'http listening .*?address"?[=:] ?"?([0-9.:]+)', self.log())
+        assert found, f"no http listener in the log:\n{self.log()}"
+        return f"http://{found.group(1)}"
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.http_url() + path, timeout=5) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def healthz(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self.http_get("/healthz")[1])
+        return document
 
     def stop(self, timeout: float = 20.0) -> int:
         for client in self.clients:
@@ -250,13 +269,13 @@ class Standin:
 
 
 def start_standin(etcd_url: str, kms_socket: Path, home: Path, *, prefix: str = "/registry",
-                  status_interval: float = 0.3) -> Standin:
+                  status_interval: float = 0.3, providers: str = "kms,identity") -> Standin:
     home.mkdir(parents=True, exist_ok=True)
     log = (home / "standin.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "p11kms.standin", "--etcd", etcd_url, "--kms-socket", str(kms_socket),
          "--etcd-prefix", prefix, "--status-interval", str(status_interval),
-         "--status-retry-interval", str(status_interval)],
+         "--status-retry-interval", str(status_interval), "--providers", providers],
         stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()

@@ -15,13 +15,15 @@ from p11kms.config import ConfigError, PinError, PluginConfig, load_config
 from p11kms.hsm.errors import HsmError
 from p11kms.kube.client import DEFAULT_TIMEOUT, KmsClient, socket_path
 from p11kms.kube.etcd import EtcdClient, EtcdError, EtcdTlsOptionError
-from p11kms.observability import build_logger, log_event
+from p11kms.observability import build_info, build_logger, log_event, stated_log_format
+from p11kms.ops import rotate
 from p11kms.ops.checks import Check, render
+from p11kms.ops.cluster import cluster_status
 from p11kms.ops.devenv import DEFAULT_DEV_DIR, prepare_dev_environment
 from p11kms.ops.doctor import run_doctor
 from p11kms.ops.etcdscan import describe_value, parse_key_uuid, require_key, scan
-from p11kms.ops.etcdscan_report import render_json, render_text
-from p11kms.ops.keys import create_key, list_keys
+from p11kms.ops.etcdscan_report import render_json, render_text, rewrite_commands
+from p11kms.ops.keys import adopt, create_key, list_keys
 from p11kms.ops.preflight import run_checks
 from p11kms.plugin.keyring import KeyringError
 from p11kms.plugin.server import Plugin, SocketInUse, install_signal_handlers
@@ -33,11 +35,13 @@ T = TypeVar("T")
 
 def _add_config_source(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="plugin config file (INI, e.g. cs_pkcs11_R3.cfg)")
+    source.add_argument("--config", type=Path,
+                        help="plugin config file (INI; deployments use /etc/p11kms/p11kms.cfg)")
     source.add_argument("--dev", action="store_true",
                         help="use the embedded development SoftHSM2 token (created on first use); not for production")
     parser.add_argument("--dev-dir", type=Path, default=DEFAULT_DEV_DIR,
-                        help=f"directory of the development token (default {DEFAULT_DEV_DIR})")
+                        help="directory of the development token, the same whatever the current directory "
+                             "(default: %(default)s)")
 
 
 def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -55,6 +59,9 @@ def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p11kms", description="Kubernetes KMS v2 plugin backed by a PKCS#11 HSM")
+    info = build_info()
+    parser.add_argument("--version", action="version",
+                        version=f"p11kms {info['version']} (python {info['python']}, grpcio {info['grpcio']})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve KMS v2 on the configured Unix socket")
@@ -67,13 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--label", required=True, help="label of the new key")
     listing = key_commands.add_parser("list", help="list secret keys with their UUIDs and roles")
     _add_config_source(listing)
+    adopt_parser = key_commands.add_parser(
+        "adopt", help="store a fresh UUID in CKA_ID of a key made by another tool; run it on the primary HSM "
+                      "before replicas or backups of the key are made")
+    _add_config_source(adopt_parser)
+    adopt_parser.add_argument("--label", required=True, help="label of the key to adopt")
 
     for name, text in (("status", "call Status like kube-apiserver does"),
                        ("check", "pre-flight: call the plugin as kube-apiserver does and apply all its checks")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--socket", type=_argument(socket_path), required=True,
                              help="plugin socket: a path, or unix:///path as in the EncryptionConfiguration")
-        command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-call deadline in seconds")
+        command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                             help="per-call deadline in seconds (default: %(default)s)")
 
     doctor = commands.add_parser("doctor", help="pre-flight of the node: module, token, login, keys, socket, "
                                                 "EncryptionConfiguration")
@@ -88,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--cert", help="client certificate (PEM)")
     scan.add_argument("--key", help="client certificate key (PEM)")
     scan.add_argument("--prefix", default="/registry/",
-                      help="kube-apiserver's --etcd-prefix (default /registry; read as /registry/)")
-    scan.add_argument("--page-size", type=int, default=500, help="keys read per request")
+                      help="kube-apiserver's --etcd-prefix, read with a trailing / (default: %(default)s)")
+    scan.add_argument("--page-size", type=int, default=500, help="keys read per request (default: %(default)s)")
     scan.add_argument("--require", metavar="UUID", type=_argument(parse_key_uuid),
                       help="gate: exit 0 only if objects were checked and all are on this key UUID; exit 1 and "
                            "list the objects that are not; exit 3 if nothing was checked")
@@ -99,7 +112,51 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--show", metavar="KEY", help="print one object's envelope (no decryption) and exit")
     scan.add_argument("--json", action="store_true", help="machine-readable report")
     scan.add_argument("--progress", action="store_true", help="show progress on stderr")
+    scan.add_argument("--config", type=Path, help="plugin config: name each key UUID's label (looked up in its HSM)")
+    scan.add_argument("--rewrite-commands", action="store_true",
+                      help="with --require: print the kubectl commands that rewrite only the objects not on the key")
+    _add_rotate_parsers(commands)
+    cluster = commands.add_parser("cluster", help="views over the plugins of every control-plane node")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    cluster_status_parser = cluster_commands.add_parser(
+        "status", help="per node: primary, decrypt-only keys, health, config generation; fails when a node "
+                       "cannot decrypt another node's primary")
+    cluster_status_parser.add_argument("--endpoints", required=True,
+                                       help="comma-separated: http://HOST:PORT of each plugin, or socket paths")
+    cluster_status_parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                                       help="per-call deadline in seconds (default: %(default)s)")
     return parser
+
+
+def _add_rotate_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rotate_parser = commands.add_parser("rotate", help="two-phase KEK rotation by editing this node's config file")
+    steps = rotate_parser.add_subparsers(dest="rotate_command", required=True)
+    stage = steps.add_parser("stage", help="LABEL joins the decrypt-only keys (phase 1, every node)")
+    promote = steps.add_parser("promote", help="LABEL becomes Primary_key, the old primary decrypt-only (phase 2)")
+    retire = steps.add_parser("retire", help="remove LABEL from Secondary_key once etcd proves nothing needs it")
+    status = steps.add_parser("status", help="this node's config beside the running plugin's keyring")
+    for step in (stage, promote, retire, status):
+        step.add_argument("--config", type=Path, required=True, help="this node's plugin config file")
+    for step in (stage, promote, retire):
+        step.add_argument("label", metavar="LABEL", help="key label")
+    stage.add_argument("--create", action="store_true", help="create the key in the HSM first")
+    promote.add_argument("--one-step", action="store_true",
+                         help="promote a key that is not staged (the vendor's swap; a single control-plane node only)")
+    promote.add_argument("--require-staged-on", metavar="ENDPOINTS",
+                         help="comma-separated plugin endpoints (http://HOST:PORT or sockets) that must decrypt "
+                              "under LABEL before this node encrypts with it")
+    retire.add_argument("--etcd-endpoints", help="etcd client URLs, comma-separated")
+    retire.add_argument("--cacert", help="CA bundle for https endpoints")
+    retire.add_argument("--cert", help="client certificate (PEM)")
+    retire.add_argument("--key", help="client certificate key (PEM)")
+    retire.add_argument("--prefix", default="/registry/", help="kube-apiserver's --etcd-prefix (default: %(default)s)")
+    retire.add_argument("--resource", action="append", help="resource to check (repeatable; default: all that "
+                                                            "hold KMS v2 objects)")
+    retire.add_argument("--force", action="store_true", help="retire even when the scan does not pass (loses data)")
+    status.add_argument("--endpoint", help="the plugin's http://HOST:PORT or socket (default: from the config)")
+    for step in (promote, status):
+        step.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                          help="per-call deadline in seconds (default: %(default)s)")
 
 
 def _config(args: argparse.Namespace) -> PluginConfig:
@@ -108,15 +165,27 @@ def _config(args: argparse.Namespace) -> PluginConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _config(args)
-    logger = build_logger(config.log_format, config.log_level)
-    if args.dev:
-        log_event(logger, logging.WARNING, "DEVELOPMENT MODE: private SoftHSM2 token with its PIN on disk; "
-                  "not for production", directory=str(args.dev_dir.resolve()), config=str(config.path))
-    plugin = Plugin(config, logger)
-    install_signal_handlers(plugin)
-    plugin.start()
-    plugin.run_until_stopped()
+    """Every line serve writes, fatal errors and tracebacks included, comes out in the configured format."""
+    logger = build_logger(stated_log_format(args.config) if args.config else "text")
+    try:
+        config = _config(args)
+        logger = build_logger(config.log_format, config.log_level)
+        if args.dev:
+            log_event(logger, logging.WARNING, "DEVELOPMENT MODE: private SoftHSM2 token with its PIN on disk; "
+                      "not for production", directory=str(args.dev_dir.resolve()), config=str(config.path))
+        plugin = Plugin(config, logger)
+        install_signal_handlers(plugin)
+        plugin.start()
+        plugin.run_until_stopped()
+    except (ConfigError, PinError) as exc:
+        log_event(logger, logging.CRITICAL, "config error; not started", error=str(exc))
+        return EXIT_USAGE
+    except (HsmError, KeyringError, SocketInUse, FileNotFoundError) as exc:
+        log_event(logger, logging.CRITICAL, "not started", error=str(exc))
+        return EXIT_FAILURE
+    except Exception:
+        logger.critical("unexpected error; stopped", exc_info=True)
+        return EXIT_FAILURE
     return 0
 
 
@@ -126,10 +195,20 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_adopt(args: argparse.Namespace) -> int:
+    done = adopt(_config(args), args.label)
+    replaced = f" (replaced CKA_ID {done.previous_cka_id})" if done.previous_cka_id else ""
+    print(f"adopted key label={done.label} uuid={done.uuid}{replaced}\n"
+          f"its fingerprint UUID {done.previous} stays a decrypt-only alias for data already stored under it; "
+          "make HSM replicas and backups of this key only from now on")
+    return 0
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     print(f"{'LABEL':<24} {'UUID':<36} {'ROLE':<10} UUID_SOURCE")
     for row in list_keys(_config(args)):
-        print(f"{row.label:<24} {row.uuid:<36} {row.role:<10} {row.uuid_source}")
+        aliases = f" (decrypt-only aliases: {', '.join(row.aliases)})" if row.aliases else ""
+        print(f"{row.label:<24} {row.uuid:<36} {row.role:<10} {row.uuid_source}{aliases}")
     return 0
 
 
@@ -164,6 +243,10 @@ def cmd_etcd_scan(args: argparse.Namespace) -> int:
     if args.resource and args.require is None:
         print("p11kms: --resource only applies with --require UUID", file=sys.stderr)
         return EXIT_USAGE
+    if args.rewrite_commands and args.require is None:
+        print("p11kms: --rewrite-commands only applies with --require UUID (the key objects must be on)",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         client = EtcdClient(args.endpoints.split(","), cacert=args.cacert, cert=args.cert, key=args.key)
     except EtcdTlsOptionError as exc:
@@ -189,10 +272,48 @@ def cmd_etcd_scan(args: argparse.Namespace) -> int:
     if args.json:
         print(render_json(report, gate))  # the gate goes inside, so stdout stays one JSON document
     else:
-        print(render_text(report))
+        labels = {row.uuid: row.label for row in list_keys(load_config(args.config))} if args.config else None
+        print(render_text(report, labels))
         if gate is not None:
             print("\n".join(gate.lines))
+        if gate is not None and args.rewrite_commands and not gate.passed:
+            commands = rewrite_commands(gate, report.prefix)
+            print("\nRewrite only these objects (kube-apiserver re-encrypts each on update; never --force):")
+            print("\n".join(commands) if commands else "  none listed: nothing was checked")
     return gate.exit_code if gate is not None else 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    try:
+        if args.rotate_command == "stage":
+            outcome = rotate.stage(args.config, args.label, create=args.create)
+        elif args.rotate_command == "promote":
+            endpoints = [e for e in (args.require_staged_on or "").split(",") if e.strip()]
+            outcome = rotate.promote(args.config, args.label, one_step=args.one_step, require_staged_on=endpoints,
+                                     timeout=args.timeout)
+        elif args.rotate_command == "retire":
+            report = None
+            if args.etcd_endpoints:
+                client = EtcdClient(args.etcd_endpoints.split(","), cacert=args.cacert, cert=args.cert, key=args.key)
+                report = scan(client, args.prefix, require=rotate.primary_uuid(args.config))
+            outcome = rotate.retire(args.config, args.label, report, resources=set(args.resource or ()),
+                                    force=args.force)
+        else:
+            outcome = rotate.status(args.config, args.endpoint, args.timeout)
+    except rotate.RotateRefused as exc:
+        print(f"p11kms: REFUSED: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except EtcdTlsOptionError as exc:
+        print(f"p11kms: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(outcome.lines))
+    return outcome.exit_code
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    verdict = cluster_status(args.endpoints.split(","), args.timeout)
+    print("\n".join(verdict.lines))
+    return verdict.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": cmd_check,
         "doctor": cmd_doctor,
         "etcd": cmd_etcd_scan,
-        "keys": cmd_keys_create if getattr(args, "keys_command", None) == "create" else cmd_keys_list,
+        "rotate": cmd_rotate,
+        "cluster": cmd_cluster,
+        "keys": {"create": cmd_keys_create, "adopt": cmd_keys_adopt}.get(getattr(args, "keys_command", ""),
+                                                                         cmd_keys_list),
     }
     try:
         return handlers[args.command](args)

@@ -61,10 +61,12 @@ class PluginConfig:
     log_format: str = "text"
     log_level: str = "info"
     sessions: int = 8
-    max_calls: int = 256
+    max_calls: int = 1024
     health_interval: float = 10.0
     shutdown_grace: float = 10.0
     http_address: tuple[str, int] | None = ("127.0.0.1", DEFAULT_HTTP_PORT)
+    gcm_iv: str = "auto"  # who chooses AES-GCM IVs: auto, caller or hsm
+    module_init_args: str | None = None  # passed as pReserved of C_Initialize (NSS softoken)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def where(self, attribute: str) -> str:
@@ -78,6 +80,7 @@ ATTRIBUTES = {name.lower(): name for name in (
     "Primary_key", "Secondary_key", "PKCS11_Module", "Token_Label", "Token_Serial", "Slot",
     "PIN_File", "PIN_Env", "Socket", "Socket_Mode", "Socket_Group", "Log_Format", "Log_Level",
     "Sessions", "Max_Calls", "Health_Interval", "Shutdown_Grace", "HTTP_Address",
+    "GCM_IV", "Module_Init_Args",
 )}
 _SECRET_LOOKING = {"pin", "user_pin", "password", "so_pin"}
 _COMMENT = re.compile(r"\s[#;].*$")
@@ -305,7 +308,7 @@ def load_config(path: str | os.PathLike[str]) -> PluginConfig:
     """Reads and validates a configuration file. Raises ConfigError with the line and the fix."""
     config_path = Path(path)
     try:
-        text = config_path.read_text(encoding="utf-8")
+        text = config_path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not a name
     except OSError as exc:
         raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
@@ -343,10 +346,12 @@ def load_config(path: str | os.PathLike[str]) -> PluginConfig:
         log_format=reader.choice("log_format", "text", ("text", "json")),
         log_level=reader.choice("log_level", "info", ("debug", "info", "warning", "error")),
         sessions=int(reader.number("sessions", 8, low=1, high=256, integer=True)),
-        max_calls=int(reader.number("max_calls", 256, low=1, high=10000, integer=True)),
+        max_calls=int(reader.number("max_calls", 1024, low=1, high=10000, integer=True)),
         health_interval=reader.number("health_interval", 10.0, low=0.5, high=300),
         shutdown_grace=reader.number("shutdown_grace", 10.0, low=0, high=600),
         http_address=_http_address(reader),
+        gcm_iv=reader.choice("gcm_iv", "auto", ("auto", "caller", "hsm")),
+        module_init_args=reader.text("module_init_args"),
         lines={key: s.line for key, s in reader.settings.items()},
     )
 

@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import sys
 import time
+from importlib import metadata
 from typing import Any
 
+import p11kms
+
 LOGGER_NAME = "p11kms"
+
+
+def build_info() -> dict[str, str]:
+    """What is running: the start log line, ``p11kms --version`` and ``p11kms_build_info`` show the same."""
+    try:
+        grpcio = metadata.version("grpcio")
+    except metadata.PackageNotFoundError:
+        grpcio = "unknown"
+    return {"version": p11kms.__version__, "python": platform.python_version(), "grpcio": grpcio}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -27,13 +40,16 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 class TextFormatter(logging.Formatter):
+    """logfmt: ``ts=... level=info msg="..." key=value ...``, one line per record, a traceback included
+    (as a quoted ``exception`` field), so that log shippers parse every line the same way."""
+
     def format(self, record: logging.LogRecord) -> str:
-        pairs = " ".join(f"{k}={_quote(v)}" for k, v in _fields(record).items())
-        line = f"{_timestamp(record)} {record.levelname} {record.getMessage()}"
-        line = f"{line} {pairs}" if pairs else line
+        fields = {"ts": _timestamp(record), "level": record.levelname.lower()}
+        line = " ".join(f"{k}={v}" for k, v in fields.items()) + f" msg={json.dumps(record.getMessage())}"
+        pairs = dict(_fields(record))
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            pairs["exception"] = self.formatException(record.exc_info)
+        return " ".join([line, *(f"{k}={_quote(v)}" for k, v in pairs.items())])
 
 
 def _quote(value: Any) -> str:
@@ -65,6 +81,20 @@ def build_logger(log_format: str = "text", level: str = "info", stream: Any = No
     logger.setLevel(level.upper())
     logger.propagate = False
     return logger
+
+
+def stated_log_format(config_path: Any) -> str:
+    """The ``Log_Format`` a config file states, read leniently before (or when) the file fails validation,
+    so that even "config error; not started" comes out in the format the operator asked for."""
+    try:
+        with open(config_path, encoding="utf-8-sig", errors="replace") as handle:
+            for line in handle:
+                name, sep, value = line.partition("=")
+                if sep and name.strip().lower() == "log_format":
+                    return "json" if value.split("#")[0].split(";")[0].strip().lower() == "json" else "text"
+    except OSError:
+        pass
+    return "text"
 
 
 def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from p11kms.hsm.keyident import key_uuid, uuid_from_cka_id
-from p11kms.hsm.token import Token
-from tests.support import TOKEN_LABEL, USER_PIN, HsmEnv, pkcs11_tool_keygen, unique_label
+from p11kms.hsm.module import Pkcs11Module
+from p11kms.hsm.token import Token, open_token
+from p11kms.plugin.keyring import UnsuitableKey, build_keyring
+from tests.support import TOKEN_LABEL, USER_PIN, FaultControl, HsmEnv, pkcs11_tool_keygen, unique_label
 
 Keys = Callable[[], tuple[str, str]]
 
@@ -46,7 +49,7 @@ def test_foreign_key_gets_a_stable_uuid_across_processes(hsm_env: HsmEnv, token:
     pkcs11_tool_keygen(hsm_env, label, cka_id="0a0b0c")
     attrs = token.key_attributes(token.find_one_secret_key(label))
     here, source = key_uuid(token, attrs)
-    assert source == "fingerprint"
+    assert source == "ecb-kcv"
     assert key_uuid(token, attrs)[0] == here  # stable in one process
     assert uuid_in_fresh_process(hsm_env, label) == str(here)  # and in another
 
@@ -73,3 +76,20 @@ def test_a_reused_label_on_new_key_material_gets_a_new_uuid(hsm_env: HsmEnv, tok
 def test_only_canonical_uuid_text_in_cka_id_counts(cka_id: bytes, expected: str | None) -> None:
     parsed = uuid_from_cka_id(cka_id)
     assert (str(parsed) if parsed else None) == expected
+
+
+def test_a_key_whose_fingerprint_is_not_deterministic_is_refused(private_fault_module: Path, faults: FaultControl,
+                                                                 token: Token) -> None:
+    """No module here answers AES-ECB differently twice; the fault module does, so the refusal is proven."""
+    label = unique_label("noisy")
+    token.import_aes_key(label, bytes(range(32)))
+    faults.set("ecb_noise")
+    module = Pkcs11Module(str(private_fault_module))
+    try:
+        noisy = open_token(module, module.find_token(label=TOKEN_LABEL, serial=None, slot=None), USER_PIN.encode(), 2)
+        expected = rf"no stable UUID: .*ecb-kcv fingerprint differs .*keys adopt --label {label}"
+        with pytest.raises(UnsuitableKey, match=expected):
+            build_keyring(noisy, label, [])
+        noisy.close()
+    finally:
+        module.finalize()

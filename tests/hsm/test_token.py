@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from p11kms.hsm import ckdefs as ck
-from p11kms.hsm.errors import HsmUnavailable, KeyLabelTaken, KeyNotFound, LoginFailed, TokenNotFound
+from p11kms.hsm.errors import HsmError, HsmUnavailable, KeyLabelTaken, KeyNotFound, LoginFailed, TokenNotFound
 from p11kms.hsm.module import Pkcs11Module, load_module
 from p11kms.hsm.token import Token, open_token
-from p11kms.plugin.keyring import build_keyring
+from p11kms.plugin.keyring import Keyring, build_keyring
 from tests.support import (
     TOKEN_LABEL,
     USER_PIN,
@@ -28,16 +28,6 @@ from tests.support import (
 )
 
 Keys = Callable[[], tuple[str, str]]
-
-
-@pytest.fixture
-def private_fault_module(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path,
-                         monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The fault module in front of a private SoftHSM instance, loaded in this test process."""
-    softhsm = private_module_copy(tmp_path / "softhsm", hsm_env.module)
-    for name, value in faults.env(str(softhsm)).items():
-        monkeypatch.setenv(name, value)
-    return private_module_copy(tmp_path / "fault", faults.module)
 
 
 def test_module_is_initialised_with_os_locking(private_fault_module: Path, faults: FaultControl) -> None:
@@ -214,3 +204,80 @@ def test_closing_a_second_token_object_keeps_the_first_logged_in(hsm_env: HsmEnv
     label = unique_label()
     token.generate_aes256_key(label, b"still-logged-in")  # needs the login: CKR_USER_NOT_LOGGED_IN otherwise
     assert len(token.find_secret_keys(label)) == 1
+
+
+def test_module_init_args_reach_the_module_as_preserved(private_fault_module: Path, faults: FaultControl) -> None:
+    # NSS softoken reads its database directory from pReserved; other modules get NULL there.
+    # SoftHSM2 itself follows the standard and refuses a non-NULL pReserved (measured: CKR_ARGUMENTS_BAD).
+    text = "configdir='sql:/etc/nss' certPrefix='' keyPrefix='' secmod='secmod.db' flags="
+    with pytest.raises(HsmError, match="CKR_ARGUMENTS_BAD"):
+        Pkcs11Module(str(private_fault_module), init_args=text)
+    faults.set("fail C_Initialize 0x0 1")  # answer CKR_OK without SoftHSM: only the arguments matter here
+    module = Pkcs11Module(str(private_fault_module), init_args=text)
+    try:
+        lines = faults.calllog.read_text().splitlines()
+        assert [line for line in lines if line.startswith("C_Initialize:")] == [
+            f"C_Initialize:flags=0x{ck.CKF_OS_LOCKING_OK:x}", f"C_Initialize:reserved={text}"] * 2
+    finally:
+        module.finalize()
+
+
+def test_gcm_iv_and_module_init_args_are_read_from_the_config(hsm_env: HsmEnv, tmp_path: Path) -> None:
+    from p11kms.config import ConfigError, load_config
+
+    config = hsm_env.write_config(tmp_path / "a.cfg", "k", GCM_IV="HSM",
+                                  Module_Init_Args="configdir='sql:/var/lib/nss' flags=readOnly")
+    loaded = load_config(config)
+    assert (loaded.gcm_iv, loaded.module_init_args) == ("hsm", "configdir='sql:/var/lib/nss' flags=readOnly")
+    assert load_config(hsm_env.write_config(tmp_path / "b.cfg", "k")).gcm_iv == "auto"
+    with pytest.raises(ConfigError, match="GCM_IV must be one of auto, caller, hsm, got 'random'"):
+        load_config(hsm_env.write_config(tmp_path / "c.cfg", "k", GCM_IV="random"))
+
+
+def _hammer(keyring: Keyring, threads: int = 8, rounds: int = 40) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        for _ in range(rounds):
+            seed = os.urandom(32)
+            try:
+                assert keyring.decrypt(keyring.encrypt(seed), keyring.key_id) == seed
+            except BaseException as exc:  # collected for the assertion
+                errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return errors
+
+
+def test_session_count_makes_callers_wait_for_a_pooled_session(private_fault_module: Path, faults: FaultControl,
+                                                               new_key: Keys) -> None:
+    # A module that enforces a session limit it does not report: the fault module stands in for it.
+    faults.set("max_sessions 3")  # the login anchor and two work sessions
+    module = Pkcs11Module(str(private_fault_module))
+    try:
+        token = open_token(module, module.find_token(label=TOKEN_LABEL, serial=None, slot=None),
+                           USER_PIN.encode(), pool_size=8)
+        assert _hammer(build_keyring(token, new_key()[0], [])) == []
+        assert token.pool_capacity == 2
+        token.close()
+    finally:
+        module.finalize()
+
+
+def test_the_pool_never_exceeds_the_reported_session_limit(private_fault_module: Path, faults: FaultControl,
+                                                           new_key: Keys) -> None:
+    faults.set("report_max_sessions 4")  # ulMaxSessionCount = 4: the anchor and three work sessions
+    module = Pkcs11Module(str(private_fault_module))
+    try:
+        token = open_token(module, module.find_token(label=TOKEN_LABEL, serial=None, slot=None),
+                           USER_PIN.encode(), pool_size=8)
+        assert token.pool_capacity == 3
+        assert _hammer(build_keyring(token, new_key()[0], [])) == []
+        assert faults.calls("C_OpenSession") == 4
+        token.close()
+    finally:
+        module.finalize()

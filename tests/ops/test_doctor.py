@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,7 +92,9 @@ def test_a_foreign_decrypt_only_key_is_one_failed_check_and_the_rest_still_runs(
     code, out = doctor(hsm_env, config, "--encryption-config", str(encryption))
     assert code == 1, out
     line = next(x for x in out.splitlines() if x.startswith(f"FAIL key.secondary[{foreign}]"))
-    assert "no UUID" in line and "CKA_ENCRYPT is false" in line and "CKR_" in line
+    # Since issue 10 a decrypt-only key has a UUID (AES-ECB decryption fingerprint); what fails it is the
+    # CKA_WRAP pkcs11-tool sets, which doctor refuses in a KEK.
+    assert "CKA_WRAP is true" in line and "no UUID" not in line
     assert f"PASS key.primary[{primary}]" in out and "PASS encryption_config.endpoint" in out
 
 
@@ -161,7 +166,8 @@ def test_unsafe_pin_file_and_socket_directory(hsm_env: HsmEnv, tmp_path: Path, n
                                   Socket=str(sockets / "kms.sock"))
     code, out = doctor(hsm_env, config)
     assert code == 1
-    assert "FAIL pin.source" in out and f"chmod 600 {pin}" in out
+    assert "FAIL pin.source" in out and f"-> fix: chmod 600 {pin}" in out
+    assert out.count(f"chmod 600 {pin}") == 1 and "run: chmod" not in out  # the fix once, not twice
     assert f"FAIL socket.directory: {sockets} has mode 0777" in out
 
 
@@ -196,3 +202,48 @@ def test_encryption_config_mistakes(tmp_path: Path, kms: str, failing: str) -> N
     checks = encryption_config_checks(path, Path("/run/p11kms/kms.sock"))
     failed = {c.name.split("[")[0] for c in checks if not c.passed}
     assert failed == {failing}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run doctor as another user (setpriv)")
+def test_an_unreadable_config_gets_a_permission_fix_not_an_edit(hsm_env: HsmEnv,
+                                                                 new_key: Keys) -> None:
+    """As the image's uid 65532 with /etc/p11kms root-owned 0750, the fix is ownership, not the file's lines."""
+    base = Path(tempfile.mkdtemp())  # outside pytest's base directory, which is 0700
+    try:
+        base.chmod(0o755)
+        etc = base / "etc-p11kms"
+        etc.mkdir(mode=0o750)
+        config = hsm_env.write_config(etc / "p11kms.cfg", new_key()[0])
+        config.chmod(0o640)
+        result = subprocess.run(["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", sys.executable,
+                                 "-m", "p11kms", "doctor", "--config", str(config)],
+                                env=hsm_env.process_env(), capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(base)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL config" in result.stdout and "correct the attribute" not in result.stdout
+    assert f"-> fix: let the plugin's user (uid 65532) enter {etc}: chgrp p11kms {etc}" in result.stdout
+
+
+KMS_V2 = "{apiVersion: v2, name: p11kms, endpoint: 'unix:///run/p11kms/kms.sock'}"
+
+
+@pytest.mark.parametrize(("providers", "resources", "passed", "says"), [
+    (["identity: {}", f"kms: {KMS_V2}"], "[secrets]", False, "phase 1 of the enablement"),
+    ([f"kms: {KMS_V2}", "identity: {}"], "[secrets]", True, "phase 2"),
+    ([f"kms: {KMS_V2}"], "[secrets]", True, "phase 3"),
+    (["kms: {apiVersion: v2, name: vendor, endpoint: 'unix:///run/vendor.sock'}", f"kms: {KMS_V2}"], "[secrets]",
+     False, "migration: the kms provider writes"),
+    ([f"kms: {KMS_V2}", "identity: {}"], "[configmaps]", False, "not secrets"),
+])
+def test_encryption_config_phases(tmp_path: Path, providers: list[str], resources: str, passed: bool,
+                                  says: str) -> None:
+    path = tmp_path / "enc.yaml"
+    listed = "".join(f"      - {p}\n" for p in providers)
+    path.write_text("apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n"
+                    f"  - resources: {resources}\n    providers:\n{listed}")
+    checks = encryption_config_checks(path, Path("/run/p11kms/kms.sock"))
+    relevant = [c for c in checks if c.name.startswith(("encryption_config.phase", "encryption_config.secrets"))
+                and says in c.detail]
+    assert relevant, [(c.name, c.detail) for c in checks]
+    assert all(c.passed is passed and not c.advisory for c in relevant)

@@ -19,6 +19,8 @@ from p11kms.ops.etcdscan import (
     EXIT_NOT_ON_KEY,
     EXIT_NOTHING_PROVEN,
     EXIT_PASSED,
+    GateResult,
+    OffKey,
     ScanReport,
     normalise_prefix,
     parse_key_uuid,
@@ -26,6 +28,7 @@ from p11kms.ops.etcdscan import (
     resource_of,
     scan,
 )
+from p11kms.ops.etcdscan_report import rewrite_commands
 from tests.support import EtcdServer, running_etcd, start_etcd
 from tests.tls_certs import make_pki
 
@@ -182,7 +185,7 @@ def test_require_takes_a_uuid_not_a_label(etcd: str, keyspace: str) -> None:
     result = run_scan(etcd, "--prefix", keyspace, "--require", "k8s-kek-1")
     assert result.returncode == 2
     assert "'k8s-kek-1' is not a key UUID" in result.stderr
-    assert "p11kms keys list" in result.stderr and "keyring loaded: key" in result.stderr
+    assert "p11kms keys list" in result.stderr and "keyring loaded role=primary" in result.stderr
     assert "Traceback" not in result.stderr
     upper = run_scan(etcd, "--prefix", keyspace, "--require", LETTERED.upper())
     assert upper.returncode == 2 and f"write it as {LETTERED}" in upper.stderr
@@ -398,3 +401,21 @@ def test_key_uuid_must_be_canonical() -> None:
         with pytest.raises(ValueError, match="not a key UUID") as caught:
             parse_key_uuid(text)
         assert hint in str(caught.value)
+
+
+def test_rewrite_commands_name_only_the_objects_off_the_key_per_namespace_and_resource() -> None:
+    gate = GateResult(1, [], "9c41", not_on_key={
+        "secrets": [OffKey("/registry/secrets/team-a/tls", "on another key UUID x"),
+                    OffKey("/registry/secrets/default/db", "stored in clear (identity)"),
+                    OffKey("/registry/secrets/team-a/api token", "on another key UUID x"),
+                    OffKey("/registry/secrets/default/broken", "corrupt KMS v2 value: truncated")],
+        "apiregistration.k8s.io/apiservices": [OffKey("/registry/apiregistration.k8s.io/apiservices/v1.apps",
+                                                      "stored in clear (identity)")],
+    })
+    assert rewrite_commands(gate, "/registry/") == [
+        "kubectl get apiservices.apiregistration.k8s.io v1.apps -o json | kubectl replace -f -",
+        "kubectl get secrets -n default db -o json | kubectl replace -f -",
+        "kubectl get secrets -n team-a 'api token' tls -o json | kubectl replace -f -",
+        "# /registry/secrets/default/broken: corrupt, cannot be read or rewritten; restore it from a backup or "
+        "delete it",
+    ]

@@ -85,7 +85,7 @@ def test_sighup_swaps_the_keyring_without_restart(run_plugin: Run, new_key: Keys
     assert wait_for(lambda: client.status().key_id == new_uuid)
     assert plugin.proc.pid == pid and plugin.proc.poll() is None
     assert client.decrypt(wrapped.ciphertext, old_uuid) == b"h" * 32
-    assert "keyring reloaded: key" in plugin.log()
+    assert "keyring reloaded" in plugin.log()
 
 
 def test_a_bad_reload_keeps_the_previous_keyring(run_plugin: Run, new_key: Keys) -> None:
@@ -315,7 +315,7 @@ def test_json_logs_carry_the_key_lines(run_plugin: Run, new_key: Keys) -> None:
     plugin.client().status()
     plugin.stop()
     records = [json.loads(line) for line in plugin.log().splitlines() if line.strip()]
-    keys = [r for r in records if r["msg"] == "keyring loaded: key"]
-    assert keys == [{"ts": keys[0]["ts"], "level": "info", "msg": "keyring loaded: key", "role": "primary",
+    keys = [r for r in records if r["msg"] == "keyring loaded"]
+    assert keys == [{"ts": keys[0]["ts"], "level": "info", "msg": "keyring loaded", "role": "primary",
                      "label": label, "uuid": key_uuid, "uuid_source": "cka_id"}]
     assert {r["msg"] for r in records} >= {"serving KMS v2", "stopped"}

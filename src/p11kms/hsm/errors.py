@@ -57,8 +57,8 @@ class CiphertextRejected(HsmError):
 class AmbiguousDecryptFailure(HsmError):
     """C_Decrypt returned a code that some HSMs use for a bad tag and others for a fault.
 
-    SoftHSM 2.6 reports a GCM tag mismatch as CKR_GENERAL_ERROR; the keyring
-    resolves the ambiguity with a known-good self-test.
+    SoftHSM 2.6 reports a GCM tag mismatch as CKR_GENERAL_ERROR, other modules as
+    CKR_FUNCTION_FAILED; the keyring resolves the ambiguity with a known-good self-test.
     """
 
 
@@ -72,6 +72,19 @@ class KeyHandleInvalid(HsmError):
     Not a device fault: the rest of the token works, so the keys are looked up again instead of
     reconnecting the whole HSM.
     """
+
+
+class GcmIvError(HsmError):
+    """The module's handling of the AES-GCM IV does not fit the configured ``GCM_IV`` mode.
+
+    Raised before a ciphertext leaves the HSM layer whenever the IV a ciphertext would carry is not
+    provably the IV the module used (a caller IV the module replaced, or no IV written back in
+    ``hsm`` mode), and when the module refuses a caller IV. The message names the mode to use.
+    """
+
+
+class UnstableFingerprint(KeyNotUsable):
+    """A key's fingerprint differs between two computations, so no stable UUID can be derived from it."""
 
 
 class KeyNotFound(HsmError):
@@ -107,12 +120,21 @@ _LOGIN = frozenset({
     ck.CKR_PIN_LOCKED,
 })
 _KEY_USAGE = frozenset({0x063, 0x068, 0x070, 0x071})  # KEY_TYPE_INCONSISTENT .. MECHANISM_PARAM_INVALID
-_CIPHERTEXT = frozenset({ck.CKR_ENCRYPTED_DATA_INVALID, ck.CKR_ENCRYPTED_DATA_LEN_RANGE})
+_CIPHERTEXT = frozenset({ck.CKR_ENCRYPTED_DATA_INVALID, ck.CKR_ENCRYPTED_DATA_LEN_RANGE,
+                         ck.CKR_AEAD_DECRYPT_FAILED})
+# What modules answer to a bad GCM tag besides the codes above: SoftHSM 2.6 CKR_GENERAL_ERROR, some
+# others CKR_FUNCTION_FAILED. Both also mean a device fault elsewhere, so on C_Decrypt they are
+# ambiguous and the keyring settles them with a known-good self-test instead of a reconnect.
+_AMBIGUOUS_DECRYPT = frozenset({ck.CKR_GENERAL_ERROR, ck.CKR_FUNCTION_FAILED})
 
 
 def error_for(function: str, rv: int) -> HsmError:
     """Builds the typed exception for a failed PKCS#11 call."""
     message = f"{function} failed: {ckr_name(rv)} (0x{rv:X})"
+    if function == "C_Decrypt" and rv in _CIPHERTEXT:
+        return CiphertextRejected(message, ckr=rv)
+    if function == "C_Decrypt" and rv in _AMBIGUOUS_DECRYPT:
+        return AmbiguousDecryptFailure(message, ckr=rv)
     if rv in (ck.CKR_SESSION_HANDLE_INVALID, ck.CKR_SESSION_CLOSED):
         return SessionLost(message, ckr=rv)
     if rv == ck.CKR_USER_NOT_LOGGED_IN:
@@ -125,8 +147,4 @@ def error_for(function: str, rv: int) -> HsmError:
         return LoginFailed(message, ckr=rv)
     if rv in _KEY_USAGE:
         return KeyNotUsable(message, ckr=rv)
-    if function == "C_Decrypt" and rv in _CIPHERTEXT:
-        return CiphertextRejected(message, ckr=rv)
-    if function == "C_Decrypt" and rv == ck.CKR_GENERAL_ERROR:
-        return AmbiguousDecryptFailure(message, ckr=rv)
     return HsmError(message, ckr=rv)

@@ -1,29 +1,58 @@
 """The key UUID rule: how every KEK gets the id that kube-apiserver stores in etcd.
 
-1. A key whose CKA_ID holds a UUID in canonical text form (36 ASCII characters,
-   as ``p11kms keys create`` writes it) has that UUID.
-2. Any other AES key (made by pkcs11-tool or a vendor tool) gets a name-based
-   UUID (RFC 4122 version 5) computed from a fingerprint of its key material:
-   the AES-GCM tag of an empty message under a fixed, reserved IV and fixed
-   additional data. The tag is a function of the key bytes only, so the UUID is
-   the same on every process, node and HSM replica holding the key, survives
-   restarts and relabelling, and differs for different key material.
+Frozen: a change to this rule changes key_ids that etcd already holds, and is a breaking change.
 
-The fixed IV is never drawn for wrapping (wrapping IVs are random 96-bit
-values), and the fingerprint always authenticates the same empty message, so
-repeating it reveals nothing new about the key.
+1. ``cka_id``: a key whose CKA_ID holds a UUID in canonical text form (36 lower-case ASCII
+   characters, as ``p11kms keys create`` and ``p11kms keys adopt`` write it) has that UUID.
+2. Any other AES key gets a name-based UUID (RFC 4122 version 5, namespace
+   ``KEY_UUID_NAMESPACE``) of a fingerprint of its key material, computed inside the HSM by the
+   first of these the key and module allow (the name is the prefix followed by the 32 lower-case
+   hex digits of the 16-byte result):
+
+   ``ecb-kcv``   CKM_AES_ECB encryption of the block ``FINGERPRINT_BLOCK``;   name "aes-ecb-kcv-v2:<hex>"
+   ``cmac``      CKM_AES_CMAC (full 16 bytes) of ``FINGERPRINT_BLOCK``;        name "aes-cmac-v2:<hex>"
+   ``ecb-dec``   CKM_AES_ECB decryption of the block ``FINGERPRINT_BLOCK``;   name "aes-ecb-dec-v2:<hex>"
+
+   None of them takes an IV, so a module that replaces GCM IVs (AWS CloudHSM, FIPS-mode Luna and
+   nShield) computes the same value as SoftHSM. The fingerprint is computed twice and a key whose
+   two answers differ is refused, never given a UUID that could change.
+
+The fingerprint reveals one AES block of a fixed, p11kms-specific input, which says nothing useful
+about the key (AES resists known-plaintext attacks); the block is never a wrapped DEK seed.
+
+Compatibility: up to issue 10 the rule for foreign keys was a v5 UUID of the AES-GCM tag of an
+empty message under a fixed IV (``legacy_gcm_uuid``). kube-apiserver stored those UUIDs in etcd,
+so a key keeps that UUID as a decrypt-only *alias* wherever it can still be computed (the
+module honours a caller's IV and the tag is the same twice). That is exactly where old data can
+exist: on a module that replaces IVs the old rule never gave a stable UUID, so nothing was stored
+under one. The new UUID encrypts from now on; kube-apiserver sees a key_id change once, as after a
+rotation, and re-encrypting (``kubectl replace``) moves old objects to it. In the same way a key
+that ``keys adopt`` gave a stored UUID keeps its fingerprint UUID as an alias (``alias_uuids``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Callable
 
+from p11kms.hsm.errors import GcmIvError, HsmError, KeyNotUsable, UnstableFingerprint
 from p11kms.hsm.token import SecretKeyAttributes, Token
 
 # Namespace of p11kms name-based key UUIDs. Changing it would change every derived key_id.
 KEY_UUID_NAMESPACE = uuid.UUID("6c1f2f4e-8d2b-5a51-9a43-3f0e7c5d2b10")
-FINGERPRINT_IV = b"p11kms:fp:v1"  # 12 bytes, reserved for fingerprints
-FINGERPRINT_AAD = b"p11kms key fingerprint v1"
+FINGERPRINT_BLOCK = b"p11kms key id v2"  # exactly one AES block (16 ASCII bytes)
+# The rule before issue 10, kept only to recognise the UUIDs it gave (decrypt-only aliases).
+LEGACY_FINGERPRINT_IV = b"p11kms:fp:v1"  # 12 bytes
+LEGACY_FINGERPRINT_AAD = b"p11kms key fingerprint v1"
+
+SOURCE_CKA_ID = "cka_id"
+_FINGERPRINTS: tuple[tuple[str, str, Callable[[Token, int], bytes]], ...] = (
+    ("ecb-kcv", "aes-ecb-kcv-v2:", lambda token, key: token.aes_ecb_block(key, FINGERPRINT_BLOCK)),
+    ("cmac", "aes-cmac-v2:", lambda token, key: token.aes_cmac(key, FINGERPRINT_BLOCK)),
+    ("ecb-dec", "aes-ecb-dec-v2:", lambda token, key: token.aes_ecb_block(key, FINGERPRINT_BLOCK, decrypt=True)),
+)
+assert len(FINGERPRINT_BLOCK) == 16 and len(LEGACY_FINGERPRINT_IV) == 12
 
 
 def uuid_from_cka_id(cka_id: bytes) -> uuid.UUID | None:
@@ -36,17 +65,65 @@ def uuid_from_cka_id(cka_id: bytes) -> uuid.UUID | None:
     return parsed if str(parsed) == text else None
 
 
-def fingerprint_uuid(token: Token, key: SecretKeyAttributes) -> uuid.UUID:
-    _, tag = token.gcm_encrypt(key.handle, b"", FINGERPRINT_AAD, iv=FINGERPRINT_IV)
-    return uuid.uuid5(KEY_UUID_NAMESPACE, "aes-gcm-fingerprint-v1:" + tag.hex())
+def fingerprint_uuid(token: Token, key: SecretKeyAttributes) -> tuple[uuid.UUID, str]:
+    """The v5 UUID of the first fingerprint the key allows, and its source name.
+
+    Raises KeyNotUsable when the key allows none of them, UnstableFingerprint when one is not
+    deterministic on this module.
+    """
+    refusals = []
+    for source, prefix, compute in _FINGERPRINTS:
+        try:
+            first = compute(token, key.handle)
+        except KeyNotUsable as exc:
+            refusals.append(f"{source}: {exc.ckr_name}")
+            continue
+        if compute(token, key.handle) != first:
+            raise UnstableFingerprint(
+                f"key {key.label!r}: the {source} fingerprint differs between two computations, so no stable "
+                "UUID can be derived; give the key a stored UUID with `p11kms keys adopt --label "
+                f"{key.label}` on the primary HSM")
+        return uuid.uuid5(KEY_UUID_NAMESPACE, prefix + first.hex()), source
+    raise KeyNotUsable(
+        f"key {key.label!r} allows no fingerprint mechanism ({'; '.join(refusals)}); give it a stored UUID "
+        f"with `p11kms keys adopt --label {key.label}`")
+
+
+def legacy_gcm_uuid(token: Token, key: SecretKeyAttributes) -> uuid.UUID | None:
+    """The UUID the pre-issue-10 rule gave a foreign key, or None where it cannot be computed stably."""
+    if key.can_encrypt is False:
+        return None
+    tags = []
+    for _ in range(2):
+        try:
+            _, sealed = token.gcm_encrypt_caller_iv(key.handle, b"", LEGACY_FINGERPRINT_AAD, LEGACY_FINGERPRINT_IV)
+        except (KeyNotUsable, GcmIvError):
+            return None
+        tags.append(sealed)
+    if tags[0] != tags[1]:
+        return None
+    return uuid.uuid5(KEY_UUID_NAMESPACE, "aes-gcm-fingerprint-v1:" + tags[0].hex())
 
 
 def key_uuid(token: Token, key: SecretKeyAttributes) -> tuple[uuid.UUID, str]:
-    """Returns the key's UUID and where it came from ("cka_id" or "fingerprint")."""
+    """Returns the key's UUID and where it came from ("cka_id", "ecb-kcv", "cmac" or "ecb-dec")."""
     from_id = uuid_from_cka_id(key.cka_id)
     if from_id is not None:
-        return from_id, "cka_id"
-    return fingerprint_uuid(token, key), "fingerprint"
+        return from_id, SOURCE_CKA_ID
+    return fingerprint_uuid(token, key)
+
+
+def alias_uuids(token: Token, key: SecretKeyAttributes, main: uuid.UUID) -> tuple[uuid.UUID, ...]:
+    """Decrypt-only UUIDs of the key besides ``main``: what earlier rules (or the fingerprint, before
+    ``keys adopt`` stored a UUID) gave it and etcd may still name. Each only where it is stable."""
+    aliases: list[uuid.UUID] = []
+    if uuid_from_cka_id(key.cka_id) is not None:
+        with contextlib.suppress(KeyNotUsable):  # no fingerprint, so nothing was ever stored under one
+            aliases.append(fingerprint_uuid(token, key)[0])
+    legacy = legacy_gcm_uuid(token, key)
+    if legacy is not None:
+        aliases.append(legacy)
+    return tuple(dict.fromkeys(a for a in aliases if a != main))
 
 
 def create_kek(token: Token, label: str) -> uuid.UUID:
@@ -54,3 +131,23 @@ def create_kek(token: Token, label: str) -> uuid.UUID:
     key_uuid_value = uuid.uuid4()
     token.generate_aes256_key(label, str(key_uuid_value).encode("ascii"))
     return key_uuid_value
+
+
+def adopt_key(token: Token, key: SecretKeyAttributes) -> uuid.UUID:
+    """Writes a fresh random UUID into CKA_ID of a key that has none (refuses one that has)."""
+    if uuid_from_cka_id(key.cka_id) is not None:
+        raise KeyNotUsable(f"key {key.label!r} already carries UUID {key.cka_id.decode()} in CKA_ID; nothing to do")
+    new = uuid.uuid4()
+    try:
+        token.set_cka_id(key.handle, str(new).encode("ascii"))
+    except HsmError as exc:
+        if exc.ckr not in (_CKR_ATTRIBUTE_READ_ONLY, _CKR_ACTION_PROHIBITED):
+            raise
+        raise KeyNotUsable(f"the HSM refuses to write CKA_ID of key {key.label!r} ({exc.ckr_name}: the key is not "
+                           "modifiable); it keeps its fingerprint UUID, which is stable wherever the fingerprint is "
+                           "deterministic", ckr=exc.ckr) from exc
+    return new
+
+
+_CKR_ATTRIBUTE_READ_ONLY = 0x010
+_CKR_ACTION_PROHIBITED = 0x01B

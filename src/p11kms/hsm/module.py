@@ -32,6 +32,9 @@ class TokenInfo:
     manufacturer: str
     model: str
     flags: int
+    # ulMaxSessionCount: sessions one application may hold at once; None when the module sets no
+    # limit (CK_EFFECTIVELY_INFINITE) or does not say (CK_UNAVAILABLE_INFORMATION).
+    max_sessions: int | None = None
 
 
 def _text(field: Any) -> str:
@@ -41,8 +44,12 @@ def _text(field: Any) -> str:
 class Pkcs11Module:
     """One PKCS#11 library, initialised once for this process."""
 
-    def __init__(self, path: str, *, initialize: bool = True) -> None:
+    def __init__(self, path: str, *, initialize: bool = True, init_args: str | None = None,
+                 entry_point: str = "C_GetFunctionList") -> None:
         self.path = path
+        # Passed as pReserved of CK_C_INITIALIZE_ARGS (NSS softoken reads its database directory
+        # there); None passes NULL, as the standard requires of every other module.
+        self.init_args = init_args
         self.initialized = False
         # Counts initialisations. Handles belong to one of them: after C_Finalize and C_Initialize a
         # module numbers sessions and objects from the start again, so a stale handle can name
@@ -51,7 +58,9 @@ class Pkcs11Module:
         self.observer: HsmObserver = NullHsmObserver()
         try:
             self._lib = ctypes.CDLL(path)
-            get_function_list = self._lib.C_GetFunctionList
+            # Another entry point than the standard's serves a module's other personality, e.g. NSS
+            # softoken's FIPS mode (FC_GetFunctionList).
+            get_function_list = getattr(self._lib, entry_point)
         except (OSError, AttributeError) as exc:
             raise ModuleLoadError(
                 f"cannot load PKCS#11 module {path!r}: {exc}; check PKCS11_Module in the config "
@@ -62,7 +71,7 @@ class Pkcs11Module:
         table = ctypes.POINTER(ck.CK_FUNCTION_LIST)()
         rv = get_function_list(ctypes.byref(table))
         if rv != ck.CKR_OK:
-            raise ModuleLoadError(f"C_GetFunctionList of {path!r} failed", ckr=rv)
+            raise ModuleLoadError(f"{entry_point} of {path!r} failed", ckr=rv)
         self._functions = self._bind(table.contents)
         self._serial_lock: threading.Lock | None = None
         if initialize:
@@ -80,11 +89,17 @@ class Pkcs11Module:
     def initialize(self) -> None:
         """C_Initialize with OS locking; raises the typed error when the module refuses (e.g. its
         remote end is unreachable), leaving the module loaded but not initialised."""
-        args = ck.CK_C_INITIALIZE_ARGS(flags=ck.CKF_OS_LOCKING_OK)
+        reserved = None if self.init_args is None else ctypes.create_string_buffer(self.init_args.encode())
+        args = ck.CK_C_INITIALIZE_ARGS(flags=ck.CKF_OS_LOCKING_OK,
+                                       pReserved=ctypes.cast(reserved, ctypes.c_void_p) if reserved else None)
         rv = self._functions["C_Initialize"](ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
         if rv == ck.CKR_CANT_LOCK:
             self._serial_lock = threading.Lock()
-            rv = self._functions["C_Initialize"](None)
+            if reserved is None:
+                rv = self._functions["C_Initialize"](None)
+            else:  # keep the arguments the module needs, without OS locking
+                single = ck.CK_C_INITIALIZE_ARGS(flags=0, pReserved=ctypes.cast(reserved, ctypes.c_void_p))
+                rv = self._functions["C_Initialize"](ctypes.cast(ctypes.byref(single), ctypes.c_void_p))
         if rv not in (ck.CKR_OK, ck.CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise error_for("C_Initialize", rv)
         self.initialized = True
@@ -144,6 +159,8 @@ class Pkcs11Module:
             manufacturer=_text(info.manufacturerID),
             model=_text(info.model),
             flags=info.flags,
+            max_sessions=(None if info.ulMaxSessionCount in (ck.CK_EFFECTIVELY_INFINITE, ck.CK_UNAVAILABLE_INFORMATION)
+                          else info.ulMaxSessionCount),
         )
 
     def tokens(self) -> list[TokenInfo]:
@@ -181,12 +198,16 @@ _modules: dict[str, Pkcs11Module] = {}
 _modules_lock = threading.Lock()
 
 
-def load_module(path: str, *, initialize: bool = True) -> Pkcs11Module:
-    """Returns the process-wide instance for ``path``, initialised unless ``initialize`` is False."""
+def load_module(path: str, *, initialize: bool = True, init_args: str | None = None) -> Pkcs11Module:
+    """Returns the process-wide instance for ``path``, initialised unless ``initialize`` is False.
+
+    ``init_args`` (``Module_Init_Args``) is passed as pReserved at the next C_Initialize."""
     with _modules_lock:
         module = _modules.get(path)
         if module is None:
-            module = _modules[path] = Pkcs11Module(path, initialize=False)
+            module = _modules[path] = Pkcs11Module(path, initialize=False, init_args=init_args)
+        elif init_args is not None:
+            module.init_args = init_args
     if initialize and not module.initialized:
         module.initialize()
     return module

@@ -21,10 +21,12 @@ from typing import TypeVar
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import (
     DuplicateKeyLabel,
+    GcmIvError,
     HsmError,
     HsmUnavailable,
     KeyLabelTaken,
     KeyNotFound,
+    KeyNotUsable,
     LoginFailed,
     NotLoggedIn,
     SessionLost,
@@ -34,6 +36,14 @@ from p11kms.hsm.module import Pkcs11Module, TokenInfo
 
 GCM_IV_BYTES = 12
 GCM_TAG_BYTES = 16
+AES_BLOCK_BYTES = 16
+# GCM_IV modes: who chooses the 96-bit IV of every wrap. "caller": p11kms draws it and the module
+# must use it unchanged; "hsm": the module draws it and writes it into CK_GCM_PARAMS.pIv (AWS
+# CloudHSM, Luna and nShield in FIPS mode); "auto": a probe at the first use decides.
+GCM_IV_MODES = ("auto", "caller", "hsm")
+_ZERO_IV = bytes(GCM_IV_BYTES)
+_IV_PROBE_PLAINTEXT = b"p11kms gcm iv probe: not secret"
+_IV_PROBE_AAD = b"p11kms gcm iv probe"
 _Result = TypeVar("_Result")
 
 
@@ -48,6 +58,27 @@ class SecretKeyAttributes:
     extractable: bool | None
     can_encrypt: bool | None
     can_decrypt: bool | None
+    can_wrap: bool | None = None
+    can_unwrap: bool | None = None
+    can_derive: bool | None = None
+    can_sign: bool | None = None
+
+
+def policy_problems(attrs: SecretKeyAttributes) -> list[str]:
+    """What makes a key a weaker KEK than ``keys create`` makes: it can leave the HSM, is short, or
+    can do more than wrap DEK seeds. Serve warns about each; doctor fails them."""
+    problems = []
+    if attrs.extractable is not False:
+        problems.append("CKA_EXTRACTABLE is not false")
+    if attrs.sensitive is not True:
+        problems.append("CKA_SENSITIVE is not true")
+    if attrs.value_len is not None and attrs.value_len < 32:
+        problems.append(f"it is AES-{attrs.value_len * 8}, shorter than 256 bits")
+    if attrs.can_wrap:
+        problems.append("CKA_WRAP is true")
+    if attrs.can_derive:
+        problems.append("CKA_DERIVE is true")
+    return problems
 
 
 def _ulong_bytes(value: int) -> bytes:
@@ -74,7 +105,11 @@ class _Template:
 
 
 class _GcmMechanism:
-    """CKM_AES_GCM with a 96-bit IV, additional data and a 128-bit tag."""
+    """CKM_AES_GCM with a 96-bit IV, additional data and a 128-bit tag.
+
+    ``used_iv`` reads the IV buffer back after the call: a module that generates the IV itself writes
+    it there (PKCS#11 lets it; AWS CloudHSM always does).
+    """
 
     def __init__(self, iv: bytes, aad: bytes) -> None:
         self._iv = ck.byte_buffer(iv)
@@ -93,6 +128,16 @@ class _GcmMechanism:
             ulParameterLen=ctypes.sizeof(self._params),
         )
 
+    def used_iv(self) -> bytes:
+        return bytes(self._iv)
+
+
+class _PlainMechanism:
+    """A mechanism without parameters (CKM_AES_ECB, CKM_AES_CMAC)."""
+
+    def __init__(self, mechanism: int) -> None:
+        self.mechanism = ck.CK_MECHANISM(mechanism=mechanism)
+
 
 class _SessionPool:
     """Work sessions lent one per operation (``None``: not opened yet).
@@ -106,6 +151,7 @@ class _SessionPool:
         self._cond = threading.Condition()
         self._idle: list[int | None] = [None] * size
         self._closed = False
+        self.capacity = size  # sessions the pool may hold; shrinks when the module refuses one more
 
     def take(self, token_label: str) -> int | None:
         with self._cond:
@@ -125,6 +171,17 @@ class _SessionPool:
             self._cond.notify()
             return True
 
+    def retire_slot(self, token_label: str) -> None:
+        """Gives up a taken, never-opened slot for good: the module allows no more sessions (CKR_SESSION_COUNT).
+        The caller then waits for a session another thread returns; with none left at all it fails."""
+        with self._cond:
+            self.capacity -= 1
+            if self.capacity <= 0:
+                self.capacity = 0
+                raise HsmUnavailable(f"token {token_label!r} allows no work session besides the login session "
+                                     "(CKR_SESSION_COUNT); close other applications' sessions or raise the "
+                                     "HSM's session limit", ckr=ck.CKR_SESSION_COUNT)
+
     def close(self) -> list[int]:
         """Closes the pool; returns the idle sessions that were opened, for the caller to close."""
         with self._cond:
@@ -138,12 +195,21 @@ class _SessionPool:
 class Token:
     """An open, logged-in token with ``pool_size`` work sessions."""
 
-    def __init__(self, module: Pkcs11Module, info: TokenInfo, pin: bytes, pool_size: int) -> None:
+    def __init__(self, module: Pkcs11Module, info: TokenInfo, pin: bytes, pool_size: int,
+                 gcm_iv: str = "auto") -> None:
+        if gcm_iv not in GCM_IV_MODES:
+            raise ValueError(f"GCM IV mode {gcm_iv!r} is not one of {', '.join(GCM_IV_MODES)}")
         self.module = module
         self.info = info
+        self.gcm_iv = gcm_iv  # as configured
+        self._gcm_iv_used: str | None = None  # decided by the probe at the first use
+        self.gcm_iv_reason = ""
+        self._gcm_iv_lock = threading.Lock()
         self._pin = pin
         self._epoch = module.epoch  # the module initialisation our handles belong to
         self._closed = False
+        if info.max_sessions is not None:  # one session is the login anchor
+            pool_size = max(1, min(pool_size, info.max_sessions - 1))
         self._pool = _SessionPool(pool_size)
         self._in_flight = 0
         self._in_flight_peak = 0
@@ -230,13 +296,20 @@ class Token:
     def session(self) -> Iterator[int]:
         """Lends one work session to the calling thread for one operation."""
         self._ensure_current()
-        handle = self._pool.take(self.info.label)
-        try:
-            if handle is None:
-                handle = self._open_session(read_write=True)
-        except BaseException:
-            self._pool.give_back(None)
-            raise
+        while True:
+            handle = self._pool.take(self.info.label)
+            try:
+                if handle is None:
+                    handle = self._open_session(read_write=True)
+                break
+            except HsmError as exc:
+                if exc.ckr != ck.CKR_SESSION_COUNT:
+                    self._pool.give_back(None)
+                    raise
+                self._pool.retire_slot(self.info.label)  # wait for a session another operation returns
+            except BaseException:
+                self._pool.give_back(None)
+                raise
         self._enter()
         try:
             yield handle
@@ -265,6 +338,11 @@ class Token:
         with self._counter_lock:
             self._in_flight -= 1
         self.module.observer.in_flight(-1)
+
+    @property
+    def pool_capacity(self) -> int:
+        """Work sessions this token may hold: ``Sessions``, less what the module's limits allow."""
+        return self._pool.capacity
 
     @property
     def in_flight(self) -> int:
@@ -348,7 +426,8 @@ class Token:
             return bool(raw[0]) if raw else None
 
         kinds = (ck.CKA_LABEL, ck.CKA_ID, ck.CKA_KEY_TYPE, ck.CKA_VALUE_LEN, ck.CKA_SENSITIVE,
-                 ck.CKA_EXTRACTABLE, ck.CKA_ENCRYPT, ck.CKA_DECRYPT)
+                 ck.CKA_EXTRACTABLE, ck.CKA_ENCRYPT, ck.CKA_DECRYPT, ck.CKA_WRAP, ck.CKA_UNWRAP, ck.CKA_DERIVE,
+                 ck.CKA_SIGN)
         read = self.run(lambda s: {kind: self._attribute(s, handle, kind) for kind in kinds})
         return SecretKeyAttributes(
             handle=handle,
@@ -360,6 +439,10 @@ class Token:
             extractable=as_bool(read[ck.CKA_EXTRACTABLE]),
             can_encrypt=as_bool(read[ck.CKA_ENCRYPT]),
             can_decrypt=as_bool(read[ck.CKA_DECRYPT]),
+            can_wrap=as_bool(read[ck.CKA_WRAP]),
+            can_unwrap=as_bool(read[ck.CKA_UNWRAP]),
+            can_derive=as_bool(read[ck.CKA_DERIVE]),
+            can_sign=as_bool(read[ck.CKA_SIGN]),
         )
 
     def generate_aes256_key(self, label: str, cka_id: bytes) -> int:
@@ -397,20 +480,145 @@ class Token:
     def destroy_object(self, handle: int) -> None:
         self.run(lambda s: self.module.call("C_DestroyObject", s, handle))
 
+    def import_aes_key(self, label: str, value: bytes, cka_id: bytes = b"", *, sensitive: bool = True,
+                       extractable: bool = False, encrypt: bool = True, decrypt: bool = True,
+                       sign: bool = False, wrap: bool = False, derive: bool = False, modifiable: bool = True) -> int:
+        """Creates a token AES key from known key material (CKA_VALUE), as an HSM backup or a cluster
+        member holds it. For tests and replicas; p11kms never generates key material outside the HSM."""
+        items = [
+            (ck.CKA_CLASS, _ulong_bytes(ck.CKO_SECRET_KEY)),
+            (ck.CKA_KEY_TYPE, _ulong_bytes(ck.CKK_AES)),
+            (ck.CKA_TOKEN, _bool_byte(True)),
+            (ck.CKA_PRIVATE, _bool_byte(True)),
+            (ck.CKA_SENSITIVE, _bool_byte(sensitive)),
+            (ck.CKA_EXTRACTABLE, _bool_byte(extractable)),
+            (ck.CKA_ENCRYPT, _bool_byte(encrypt)),
+            (ck.CKA_DECRYPT, _bool_byte(decrypt)),
+            (ck.CKA_SIGN, _bool_byte(sign)),
+            (ck.CKA_WRAP, _bool_byte(wrap)),
+            (ck.CKA_DERIVE, _bool_byte(derive)),
+            (ck.CKA_LABEL, label.encode()),
+            (ck.CKA_VALUE, value),
+        ]
+        if cka_id:
+            items.append((ck.CKA_ID, cka_id))
+        if not modifiable:
+            items.append((ck.CKA_MODIFIABLE, _bool_byte(False)))
+        template = _Template(items)
+        handle = ck.CK_OBJECT_HANDLE()
+        self.run(lambda s: self.module.call("C_CreateObject", s, template.array, len(template), ctypes.byref(handle)))
+        return handle.value
+
+    def set_cka_id(self, handle: int, cka_id: bytes) -> None:
+        template = _Template([(ck.CKA_ID, cka_id)])
+        self.run(lambda s: self.module.call("C_SetAttributeValue", s, handle, template.array, len(template)))
+
+    # -- fingerprints -------------------------------------------------------------------------
+    def aes_ecb_block(self, key: int, block: bytes, *, decrypt: bool = False) -> bytes:
+        """One AES block through CKM_AES_ECB: a deterministic function of the key (a key check value)."""
+        if len(block) != AES_BLOCK_BYTES:
+            raise ValueError("CKM_AES_ECB takes exactly one 16-byte block here")
+        mech = _PlainMechanism(ck.CKM_AES_ECB)
+        if decrypt:
+            return self._crypt("C_DecryptInit", "C_Decrypt", key, mech, block, AES_BLOCK_BYTES)
+        return self._crypt("C_EncryptInit", "C_Encrypt", key, mech, block, AES_BLOCK_BYTES)
+
+    def aes_cmac(self, key: int, message: bytes) -> bytes:
+        """The full 16-byte CKM_AES_CMAC of ``message``: a deterministic function of the key."""
+        return self._crypt("C_SignInit", "C_Sign", key, _PlainMechanism(ck.CKM_AES_CMAC), message, AES_BLOCK_BYTES)
+
     # -- AES-GCM ------------------------------------------------------------------------------
-    def gcm_encrypt(self, key: int, plaintext: bytes, aad: bytes, iv: bytes | None = None) -> tuple[bytes, bytes]:
-        """Encrypts inside the HSM. Returns (iv, ciphertext || tag); the IV is fresh unless given."""
-        iv = os.urandom(GCM_IV_BYTES) if iv is None else iv
+    @property
+    def gcm_iv_used(self) -> str | None:
+        """The IV mode in use ("caller" or "hsm"), or None before the first probe."""
+        return self._gcm_iv_used
+
+    def resolve_gcm_iv(self, key: int) -> tuple[str, str]:
+        """Decides, once per token, who chooses GCM IVs, by a round trip with ``key``; returns the mode
+        and why. Raises GcmIvError, naming the mode to configure, when the configured one cannot work."""
+        with self._gcm_iv_lock:
+            if self._gcm_iv_used is None:
+                self._gcm_iv_used, self.gcm_iv_reason = self._probe_gcm_iv(key)
+            return self._gcm_iv_used, self.gcm_iv_reason
+
+    def _probe_gcm_iv(self, key: int) -> tuple[str, str]:
+        caller_problem = ""
+        if self.gcm_iv in ("auto", "caller"):
+            chosen = os.urandom(GCM_IV_BYTES)
+            try:
+                used, sealed = self._gcm_encrypt_raw(key, _IV_PROBE_PLAINTEXT, _IV_PROBE_AAD, chosen)
+            except KeyNotUsable as exc:
+                if exc.ckr not in _IV_REFUSALS:
+                    raise
+                caller_problem = f"the module refuses an IV chosen by p11kms ({exc.ckr_name})"
+            else:
+                if used == chosen:
+                    self._check_round_trip(key, used, sealed, "caller")
+                    return "caller", ("configured" if self.gcm_iv == "caller"
+                                      else "the module uses the IV p11kms chooses")
+                caller_problem = "the module replaces the IV p11kms chooses with one of its own"
+            if self.gcm_iv == "caller":
+                raise GcmIvError(f"GCM_IV = caller cannot work on token {self.info.label!r}: {caller_problem}; "
+                                 "set GCM_IV = hsm (or auto)")
+        used, sealed = self._gcm_encrypt_raw(key, _IV_PROBE_PLAINTEXT, _IV_PROBE_AAD, _ZERO_IV)
+        if used == _ZERO_IV:
+            why = f"{caller_problem}, and " if caller_problem else ""
+            raise GcmIvError(
+                f"no GCM IV mode works on token {self.info.label!r}: {why}the module wrote no IV back into "
+                "CK_GCM_PARAMS.pIv when asked to generate one"
+                + ("; set GCM_IV = caller (or auto)" if not caller_problem else
+                   "; this module cannot wrap keys for p11kms with AES-GCM")
+            )
+        self._check_round_trip(key, used, sealed, "hsm")
+        return "hsm", caller_problem or "configured"
+
+    def _check_round_trip(self, key: int, iv: bytes, sealed: bytes, mode: str) -> None:
+        if self.gcm_decrypt(key, iv, sealed, _IV_PROBE_AAD) != _IV_PROBE_PLAINTEXT:
+            raise GcmIvError(f"GCM IV probe in {mode} mode on token {self.info.label!r}: the ciphertext did not "
+                             "open under the IV the module reported; this module cannot be used with GCM_IV = "
+                             f"{mode}")
+
+    def gcm_encrypt(self, key: int, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """Encrypts inside the HSM. Returns (iv, ciphertext || tag), where iv is the IV the module used.
+
+        In "caller" mode p11kms draws a fresh random IV and checks the module kept it; in "hsm" mode the
+        module writes its IV into pIv and p11kms checks it did. Either way no ciphertext is returned
+        with an IV the module did not use.
+        """
+        mode = self._gcm_iv_used or self.resolve_gcm_iv(key)[0]
+        if mode == "caller":
+            return self.gcm_encrypt_caller_iv(key, plaintext, aad, os.urandom(GCM_IV_BYTES))
+        used, sealed = self._gcm_encrypt_raw(key, plaintext, aad, _ZERO_IV)
+        if used == _ZERO_IV:
+            raise GcmIvError(f"token {self.info.label!r} wrote no IV into pIv in GCM_IV = hsm mode; the ciphertext "
+                             "was discarded; set GCM_IV = caller (or auto)")
+        return used, sealed
+
+    def gcm_encrypt_caller_iv(self, key: int, plaintext: bytes, aad: bytes, iv: bytes) -> tuple[bytes, bytes]:
+        """Encrypts under exactly ``iv``; raises GcmIvError if the module refuses or replaces it."""
+        try:
+            used, sealed = self._gcm_encrypt_raw(key, plaintext, aad, iv)
+        except KeyNotUsable as exc:
+            if exc.ckr in _IV_REFUSALS:
+                raise GcmIvError(f"token {self.info.label!r} refuses an IV chosen by p11kms ({exc.ckr_name}); "
+                                 "set GCM_IV = hsm (or auto)", ckr=exc.ckr) from exc
+            raise
+        if used != iv:
+            raise GcmIvError(f"token {self.info.label!r} replaced the IV chosen by p11kms with its own; the "
+                             "ciphertext was discarded; set GCM_IV = hsm (or auto)")
+        return used, sealed
+
+    def _gcm_encrypt_raw(self, key: int, plaintext: bytes, aad: bytes, iv: bytes) -> tuple[bytes, bytes]:
         mech = _GcmMechanism(iv, aad)
-        return iv, self._crypt("C_EncryptInit", "C_Encrypt", key, mech, plaintext,
-                               len(plaintext) + GCM_TAG_BYTES)
+        sealed = self._crypt("C_EncryptInit", "C_Encrypt", key, mech, plaintext, len(plaintext) + GCM_TAG_BYTES)
+        return mech.used_iv(), sealed
 
     def gcm_decrypt(self, key: int, iv: bytes, sealed: bytes, aad: bytes) -> bytes:
         mech = _GcmMechanism(iv, aad)
         return self._crypt("C_DecryptInit", "C_Decrypt", key, mech, sealed, len(sealed))
 
-    def _crypt(self, init_function: str, function: str, key: int, mech: _GcmMechanism, data: bytes,
-               out_len: int) -> bytes:
+    def _crypt(self, init_function: str, function: str, key: int, mech: _GcmMechanism | _PlainMechanism,
+               data: bytes, out_len: int) -> bytes:
         source = ck.byte_buffer(data)
         # Room for one extra block: some modules ask for more than the exact GCM output size.
         out = (ctypes.c_ubyte * (out_len + 16))()
@@ -425,10 +633,14 @@ class Token:
         return self.run(crypt)
 
 
-def open_token(module: Pkcs11Module, info: TokenInfo, pin: bytes, pool_size: int) -> Token:
+# What a module answers when it will not take a caller's GCM IV (AWS CloudHSM, Luna in FIPS mode).
+_IV_REFUSALS = frozenset({ck.CKR_MECHANISM_PARAM_INVALID, ck.CKR_MECHANISM_INVALID})
+
+
+def open_token(module: Pkcs11Module, info: TokenInfo, pin: bytes, pool_size: int, gcm_iv: str = "auto") -> Token:
     """Opens and logs in; a device-level failure surfaces as HsmUnavailable, a PIN failure as LoginFailed."""
     try:
-        return Token(module, info, pin, pool_size)
+        return Token(module, info, pin, pool_size, gcm_iv)
     except (LoginFailed, HsmUnavailable):
         raise
     except HsmError as exc:

@@ -1,9 +1,14 @@
 """The embedded default: a private SoftHSM2 token and a first KEK, for development only.
 
-``p11kms serve --dev`` keeps everything in one directory (``.p11kms-dev`` by
-default): the SoftHSM2 configuration and token store, random PINs in 0600
-files, a plugin config file and the socket. Nothing here is fit for
-production: the PINs sit next to the token.
+``p11kms serve --dev`` keeps everything in one directory: the SoftHSM2
+configuration and token store, random PINs in 0600 files, a plugin config file
+and the socket. Nothing here is fit for production: the PINs sit next to the token.
+
+The default directory does not depend on the current directory, so ``--dev`` run
+from elsewhere finds the same token (and key UUID) instead of silently making a
+second one: ``.p11kms-dev`` in the repository when p11kms runs from a source
+checkout (as ``scripts/dev.sh`` does), else ``~/.local/share/p11kms/dev``.
+``--dev-dir`` chooses another.
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from p11kms.hsm.module import load_module
 from p11kms.hsm.provision import init_token
 from p11kms.hsm.token import open_token
 
-DEFAULT_DEV_DIR = Path(".p11kms-dev")
+
+def default_dev_dir() -> Path:
+    """The repository's ``.p11kms-dev`` in a source checkout, else one per user; never cwd-relative."""
+    repository = Path(__file__).resolve().parents[3]  # src/p11kms/ops/devenv.py -> the checkout
+    if (repository / "pyproject.toml").is_file() and (repository / "src" / "p11kms").is_dir():
+        return repository / ".p11kms-dev"
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "p11kms" / "dev"
+
+
+DEFAULT_DEV_DIR = default_dev_dir()
 DEV_TOKEN_LABEL = "p11kms-dev"
 DEV_FIRST_KEY = "kek-1"
 SOFTHSM_MODULE_CANDIDATES = (

@@ -7,6 +7,7 @@ socket directory and, when given, kube-apiserver's EncryptionConfiguration.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ from p11kms.config import (
     socket_directory_problem,
 )
 from p11kms.hsm import ckdefs as ck
-from p11kms.hsm.errors import HsmError, LoginFailed, TokenNotFound
+from p11kms.hsm.errors import HsmError, KeyNotUsable, LoginFailed, TokenNotFound
 from p11kms.hsm.keyident import key_uuid
 from p11kms.hsm.module import Pkcs11Module, load_module
-from p11kms.hsm.token import SecretKeyAttributes, Token, open_token
+from p11kms.hsm.token import SecretKeyAttributes, Token, open_token, policy_problems
 from p11kms.ops.checks import Check, verdict
 from p11kms.plugin.keyring import KeyringError, Role, build_keyring
 
@@ -35,7 +36,7 @@ def run_doctor(config_path: Path, encryption_config: Path | None = None) -> list
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        return [Check("config", False, str(exc), "correct the attribute on the line named")]
+        return [Check("config", False, str(exc), _config_fix(Path(config_path)))]
     checks = [Check("config", True, f"{config_path}: primary {config.primary_key!r}, "
                                     f"{len(config.secondary_keys)} secondary key(s)")]
     checks += _pin_file_checks(config) + _socket_directory_checks(config) + _hsm_checks(config)
@@ -44,13 +45,29 @@ def run_doctor(config_path: Path, encryption_config: Path | None = None) -> list
     return checks
 
 
+def _config_fix(path: Path) -> str:
+    """An unreadable file needs permissions, not an edit (as uid 65532 in the image, say). os.access, not
+    Path.exists: that raises PermissionError in a directory the user may not enter."""
+    user = f"the plugin's user (uid {os.geteuid()})"
+    closed = next((d for d in reversed(path.absolute().parents) if not os.access(d, os.X_OK)), None)
+    if closed is not None:
+        return f"let {user} enter {closed}: chgrp p11kms {closed} && chmod 0750 {closed}"
+    if os.access(path, os.F_OK) and not os.access(path, os.R_OK):
+        return (f"let {user} read it: chgrp p11kms {path} && chmod 0640 {path} "
+                "(docs/operator-guide.md, section 1)")
+    return "correct the attribute on the line named" if os.access(path, os.F_OK) else "pass the config file's path"
+
+
 def _pin_file_checks(config: PluginConfig) -> list[Check]:
     if config.pin_file is None:
         return [Check("pin.source", True, f"environment variable {config.pin_env}")]
-    # Each warning ends with its own fix.
-    return [verdict("pin.source", pin_source_warnings(config),
-                    f"{config.pin_file}: a regular file (or a Secret volume file), owned by the plugin's user or "
-                    "root, readable by its owner only")]
+    warnings = pin_source_warnings(config)
+    if not warnings:
+        return [Check("pin.source", True, f"{config.pin_file}: a regular file (or a Secret volume file), owned by "
+                                          "the plugin's user or root, readable by its owner only")]
+    # Each warning ends with its own fix after the last "; ": shown once, after "-> fix:".
+    problems, fixes = zip(*(warning.rpartition("; ")[::2] for warning in warnings), strict=True)
+    return [Check("pin.source", False, "; ".join(problems), "; ".join(f.removeprefix("run: ") for f in fixes))]
 
 
 def _socket_directory_checks(config: PluginConfig) -> list[Check]:
@@ -76,7 +93,7 @@ def _socket_directory_checks(config: PluginConfig) -> list[Check]:
 
 def _hsm_checks(config: PluginConfig) -> list[Check]:
     try:
-        module = load_module(config.module)
+        module = load_module(config.module, init_args=config.module_init_args)
     except HsmError as exc:
         return [Check("hsm.module", False, str(exc), "set PKCS11_Module to the vendor PKCS#11 library")]
     locking = "serialised (the module cannot lock)" if module.serialized else "initialised with OS locking"
@@ -90,7 +107,7 @@ def _hsm_checks(config: PluginConfig) -> list[Check]:
     checks.append(Check("hsm.mechanism", module.supports_gcm(info.slot), "CKM_AES_GCM for encrypt and decrypt",
                         "use an HSM (or firmware/licence) that offers CKM_AES_GCM"))
     try:
-        token = open_token(module, info, read_pin(config), pool_size=1)
+        token = open_token(module, info, read_pin(config), pool_size=1, gcm_iv=config.gcm_iv)
     except PinError as exc:
         return [*checks, Check("hsm.login", False, str(exc), exc.fix)]
     except LoginFailed as exc:
@@ -113,9 +130,11 @@ def _key_checks(token: Token, module: Pkcs11Module, config: PluginConfig) -> lis
     if all(c.passed for c in checks):
         try:
             build_keyring(token, config.primary_key, config.secondary_keys).self_test()
-            checks.append(Check("aes_gcm.round_trip", True, f"encrypt and decrypt with {config.primary_key!r}"))
+            checks.append(Check("aes_gcm.round_trip", True, f"encrypt and decrypt with {config.primary_key!r} (GCM IV "
+                                                             f"chosen by {token.gcm_iv_used}: {token.gcm_iv_reason})"))
         except (HsmError, KeyringError) as exc:
-            checks.append(Check("aes_gcm.round_trip", False, str(exc), "check the key's usage flags and the mechanism"))
+            checks.append(Check("aes_gcm.round_trip", False, str(exc), "check the key's usage flags, the mechanism and "
+                                                                        "GCM_IV (docs/your-hsm.md)"))
     return checks
 
 
@@ -163,16 +182,17 @@ def _attribute_problems(attrs: SecretKeyAttributes, role: Role) -> list[str]:
         problems.append("CKA_EXTRACTABLE is not false")
     if attrs.can_decrypt is False or (role is Role.PRIMARY and attrs.can_encrypt is False):
         problems.append("encrypt/decrypt usage is not allowed")
+    problems += [p for p in policy_problems(attrs) if "SENSITIVE" not in p and "EXTRACTABLE" not in p]
     return problems
 
 
 def _no_uuid_check(name: str, label: str, can_encrypt: bool | None, exc: HsmError, primary_uuid: str) -> Check:
-    """A key without a UUID in CKA_ID gets one from an AES-GCM encryption; a key that may not encrypt has none."""
-    if can_encrypt is False:
-        return Check(name, False, f"no UUID: CKA_ID holds none and the fingerprint UUID needs an AES-GCM "
-                                  f"encryption, but CKA_ENCRYPT is false ({exc.ckr_name}); serve refuses this key",
-                     "allow encryption on this key with the vendor tool (p11kms only fingerprints with it), or, "
-                     f"once `p11kms etcd scan --require {primary_uuid}` passes, remove {label!r} from Secondary_key")
+    """A key without a UUID in CKA_ID gets one from a fingerprint (AES-ECB, AES-CMAC); a key that allows none,
+    or whose fingerprint is not deterministic, has none."""
+    if isinstance(exc, KeyNotUsable):
+        return Check(name, False, f"no UUID: {exc}; serve refuses this key",
+                     f"give it a stored UUID on the primary HSM (p11kms keys adopt --label {label}), or, once "
+                     f"`p11kms etcd scan --require {primary_uuid}` passes, remove {label!r} from Secondary_key")
     return Check(name, False, f"no UUID: the fingerprint encryption failed ({exc})",
                  "check the HSM connection and the key's attributes (p11kms keys list shows the same error)")
 
@@ -214,8 +234,49 @@ def encryption_config_checks(path: Path, socket: Path) -> list[Check]:
                   "the kms provider is first, so new writes are encrypted" if index == 0 else
                   f"the kms provider is number {index + 1}; writes use the first provider",
                   "move the kms provider first", advisory=True),
+            _enablement_phase(where, providers_of(entries, resources), index),
         ]
+    covered = {r for resources, _, _ in ours for r in resources}
+    if not covered & {"secrets", "*.*", "*."}:
+        checks.append(Check("encryption_config.secrets", False,
+                            f"the p11kms provider lists cover {', '.join(sorted(covered)) or 'no resource'}, not "
+                            "secrets: Secrets are stored as before", "add secrets to the resources of the list "
+                            "that has the p11kms provider"))
     return checks
+
+
+def providers_of(entries: list[tuple[list[str], list[dict[str, Any]]]], resources: list[str]) -> list[dict[str, Any]]:
+    return next(providers for names, providers in entries if names == resources)
+
+
+def _enablement_phase(where: str, providers: list[dict[str, Any]], index: int) -> Check:
+    """Which step of the first enablement (or of a migration from another provider) the list is at.
+
+    On several nodes kms is added second everywhere (every server can read what any other writes),
+    then moved first everywhere, then data is re-encrypted, then identity goes. A list whose first
+    provider is identity encrypts nothing: correct only while that first step rolls out.
+    """
+    name = f"encryption_config.phase{where}"
+    kinds = [next(iter(p), "?") for p in providers]
+    if index > 0:
+        first = kinds[0]
+        if first == "identity":
+            return Check(name, False, "phase 1 of the enablement: identity is first, so this list encrypts "
+                         "nothing; p11kms only decrypts", "once every node has this file, move the p11kms provider "
+                         "first on every node (phase 2)")
+        return Check(name, False, f"migration: the {first} provider writes and p11kms only decrypts",
+                     "put p11kms first on every node, re-encrypt, prove it with `p11kms etcd scan --require UUID`, "
+                     f"then remove the {first} provider")
+    later = kinds[1:]
+    if "identity" in later:
+        return Check(name, True, "phase 2: p11kms encrypts new writes; identity still reads data stored in clear; "
+                     "next: re-encrypt, prove it with `p11kms etcd scan --require UUID --resource secrets` "
+                     "(exit 0), then remove identity (phase 3)")
+    if later:
+        return Check(name, True, f"p11kms encrypts; {', '.join(later)} only decrypt(s) older data (a migration): "
+                     "remove them once the scan shows nothing under them")
+    return Check(name, True, "phase 3: p11kms is the only provider; data stored in clear or under another "
+                 "provider can no longer be read, so run the scan before reaching this phase")
 
 
 def _provider_lists(document: dict[str, Any]) -> list[tuple[list[str], list[dict[str, Any]]]]:

@@ -26,7 +26,7 @@ EXIT_NOTHING_PROVEN = 3  # nothing was checked (empty keyspace, wrong prefix, un
 
 WHERE_UUIDS_ARE = ("kube-apiserver stores the key UUID (the plugin's key_id) with every object, never the key "
                    "label: find it with 'p11kms keys list --config FILE' (UUID column), 'p11kms status --socket "
-                   "SOCK' (key_id) or in the plugin log line 'keyring loaded: key role=primary label=... uuid=...'")
+                   "SOCK' (key_id) or in the plugin log line 'keyring loaded role=primary label=... uuid=...'")
 
 
 def parse_key_uuid(text: str) -> str:

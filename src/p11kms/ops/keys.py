@@ -1,4 +1,4 @@
-"""Key management for operators: create a KEK, list the token's keys with their UUIDs and roles."""
+"""Key management for operators: create a KEK, adopt a foreign one, list the token's keys with their UUIDs and roles."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from p11kms.config import ConfigError, PluginConfig, label_problem
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError
-from p11kms.hsm.keyident import create_kek, key_uuid
+from p11kms.hsm.keyident import adopt_key, alias_uuids, create_kek, fingerprint_uuid, key_uuid
 from p11kms.plugin.supervisor import open_configured_token
 
 
@@ -18,6 +18,10 @@ class KeyRow:
     uuid: str  # "-" when no UUID can be computed
     role: str  # "primary", "secondary" or "-" (not in the config)
     uuid_source: str
+    # Decrypt-only UUIDs from the rule before issue 10, listed for keys without a stored UUID (where data
+    # may carry them). Keys with a stored UUID answer to theirs too (after `keys adopt`), unlisted: every
+    # key `keys create` made would otherwise show two UUIDs nothing was ever stored under.
+    aliases: tuple[str, ...] = ()
 
 
 def create_key(config: PluginConfig, label: str) -> uuid.UUID:
@@ -28,6 +32,35 @@ def create_key(config: PluginConfig, label: str) -> uuid.UUID:
         return create_kek(token, label)
     finally:
         token.close()
+
+
+@dataclass(frozen=True)
+class Adopted:
+    label: str
+    uuid: str  # now stored in CKA_ID
+    previous: str  # the fingerprint UUID the key had until now (kept as a decrypt-only alias), or "-"
+    previous_cka_id: str  # hex of the CKA_ID that was replaced, or ""
+
+
+def adopt(config: PluginConfig, label: str) -> Adopted:
+    """Writes a fresh UUID into CKA_ID of a key made by another tool (refuses a key that has one).
+
+    Run it once, on the primary HSM, before replicas or backups of the key are made: a replica made
+    earlier keeps the old CKA_ID, and serves the key under its fingerprint UUID instead.
+    """
+    token = open_configured_token(config)
+    try:
+        attrs = token.key_attributes(token.find_one_secret_key(label))
+        if attrs.key_type != ck.CKK_AES:
+            raise ConfigError(f"key {label!r} is not an AES key; only AES keys can be KEKs")
+        try:
+            previous = str(fingerprint_uuid(token, attrs)[0])
+        except HsmError:
+            previous = "-"
+        new = adopt_key(token, attrs)
+    finally:
+        token.close()
+    return Adopted(label, str(new), previous, attrs.cka_id.hex())
 
 
 def check_new_label(config: PluginConfig, label: str) -> None:
@@ -54,12 +87,15 @@ def list_keys(config: PluginConfig) -> list[KeyRow]:
             attrs = token.key_attributes(handle)
             if attrs.key_type != ck.CKK_AES:  # only AES keys can be KEKs
                 continue
+            aliases: tuple[str, ...] = ()
             try:
                 uuid_value, source = key_uuid(token, attrs)
                 uuid_text = str(uuid_value)
-            except HsmError as exc:  # e.g. a foreign decrypt-only key: no fingerprint can be computed
+                if source != "cka_id":
+                    aliases = tuple(str(alias) for alias in alias_uuids(token, attrs, uuid_value))
+            except HsmError as exc:  # a key that allows no fingerprint mechanism, or an unstable one
                 uuid_text, source = "-", f"unavailable ({exc.ckr_name})"
-            rows.append(KeyRow(attrs.label, uuid_text, roles.get(attrs.label, "-"), source))
+            rows.append(KeyRow(attrs.label, uuid_text, roles.get(attrs.label, "-"), source, aliases))
     finally:
         token.close()
     return sorted(rows)

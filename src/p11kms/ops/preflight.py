@@ -13,6 +13,7 @@ from p11kms.kmsv2 import api_pb2
 from p11kms.kube.apiserver_rules import encrypted_object_problems, status_problems
 from p11kms.kube.client import KmsClient
 from p11kms.ops.checks import Check, verdict
+from p11kms.plugin.service import CHECK_PROBE_KEY_ID_PREFIX
 
 # Latency targets from the Kubernetes KMS docs (spec 2.4); advisory, since load and network vary.
 ENCRYPT_TARGET_S = 0.100
@@ -79,7 +80,7 @@ def _decrypt_checks(client: KmsClient, reply: api_pb2.EncryptResponse, annotatio
         Check("decrypt.latency", decrypt_s <= DECRYPT_TARGET_S,
               f"{decrypt_s * 1000:.1f} ms (target under {DECRYPT_TARGET_S * 1000:.0f} ms)", advisory=True),
     ]
-    unknown = "p11kms-check-unknown-" + uuid.uuid4().hex
+    unknown = CHECK_PROBE_KEY_ID_PREFIX + uuid.uuid4().hex  # counted apart from real requests by the plugin
     try:
         client.decrypt(reply.ciphertext, unknown, annotations)
         checks.append(Check("decrypt.refuses_unknown_key_id", False, "Decrypt accepted a key_id it never issued"))

@@ -12,6 +12,8 @@ cannot be confused with this one.
 from __future__ import annotations
 
 import enum
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -19,19 +21,23 @@ from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import (
     AmbiguousDecryptFailure,
     CiphertextRejected,
+    GcmIvError,
     HsmError,
     HsmUnavailable,
     KeyNotFound,
     KeyNotUsable,
 )
-from p11kms.hsm.keyident import key_uuid
-from p11kms.hsm.token import GCM_IV_BYTES, GCM_TAG_BYTES, Token
+from p11kms.hsm.keyident import alias_uuids, key_uuid
+from p11kms.hsm.token import GCM_IV_BYTES, GCM_TAG_BYTES, Token, policy_problems
 
 FORMAT_V1 = 0x01
 MAX_CIPHERTEXT_BYTES = 1024  # kube-apiserver rejects longer ciphertexts (spec 2.4)
 OVERHEAD_BYTES = 1 + GCM_IV_BYTES + GCM_TAG_BYTES
 MAX_PLAINTEXT_BYTES = MAX_CIPHERTEXT_BYTES - OVERHEAD_BYTES
 _SELF_TEST_PLAINTEXT = bytes(32)
+# After an ambiguous Decrypt failure, a passed self-test is trusted this long: a flood of bad
+# ciphertexts then costs one probe of the HSM, not one per call.
+SELF_TEST_CACHE_SECONDS = 2.0
 
 
 class Role(enum.StrEnum):
@@ -48,6 +54,10 @@ class Kek:
     uuid: str
     uuid_source: str
     handle: int
+    # Decrypt-only UUIDs of the same key (what an earlier UUID rule gave it); never used to encrypt.
+    aliases: tuple[str, ...] = ()
+    # What makes it weaker than a key `keys create` makes (extractable, short, can wrap...): served, with a warning.
+    policy_warnings: tuple[str, ...] = ()
 
 
 class KeyringError(Exception):
@@ -114,8 +124,11 @@ class Keyring:
         self.primary = primary
         self.secondaries = secondaries
         self.missing = missing
-        self._by_uuid = {k.uuid: k for k in (primary, *secondaries)}
+        self._by_uuid = {alias: k for k in (primary, *secondaries) for alias in k.aliases}
+        self._by_uuid.update({k.uuid: k for k in (primary, *secondaries)})
         self._missing_by_uuid = {m.uuid: m for m in missing if m.uuid is not None}
+        self._self_test_lock = threading.Lock()
+        self._self_test_passed_at: float | None = None
 
     @property
     def key_id(self) -> str:
@@ -153,14 +166,15 @@ class Keyring:
     def decrypt(self, ciphertext: bytes, key_id: str) -> bytes:
         kek = self.key_for(key_id)
         try:
-            return self._open(kek, ciphertext)
+            return self._open(kek, ciphertext, key_id)
         except CiphertextRejected as exc:
             raise CiphertextRejected(_rejected_message(kek), ckr=exc.ckr) from exc
         except AmbiguousDecryptFailure as exc:
-            # Some modules (SoftHSM 2.6) answer a bad tag with CKR_GENERAL_ERROR. If a known-good
-            # round trip still works, the HSM is fine and the fault lies with the ciphertext.
+            # Some modules answer a bad tag with CKR_GENERAL_ERROR (SoftHSM 2.6) or CKR_FUNCTION_FAILED.
+            # If a known-good round trip still works, the HSM is fine and the fault lies with the
+            # ciphertext; a recent pass is reused so a flood of bad ciphertexts costs one probe.
             try:
-                self.self_test()
+                self._recent_self_test()
             except HsmError as probe_exc:
                 raise HsmUnavailable(
                     f"decrypt failed with {exc.ckr_name} and the HSM self-test failed too: {probe_exc}",
@@ -168,15 +182,26 @@ class Keyring:
                 ) from probe_exc
             raise CiphertextRejected(_rejected_message(kek), ckr=exc.ckr) from exc
 
-    def _open(self, kek: Kek, ciphertext: bytes) -> bytes:
+    def _open(self, kek: Kek, ciphertext: bytes, key_id: str) -> bytes:
+        """Opens under ``key_id`` as issued: the key's UUID, or one of its decrypt-only aliases."""
         iv, sealed = _split_v1(ciphertext)
-        return self.token.gcm_decrypt(kek.handle, iv, sealed, _aad(kek.uuid))
+        return self.token.gcm_decrypt(kek.handle, iv, sealed, _aad(key_id))
 
     def self_test(self) -> None:
         """Encrypts and decrypts a fixed non-secret buffer with the primary key."""
         wrapped = self.encrypt(_SELF_TEST_PLAINTEXT)
-        if self._open(self.primary, wrapped) != _SELF_TEST_PLAINTEXT:
+        if self._open(self.primary, wrapped, self.primary.uuid) != _SELF_TEST_PLAINTEXT:
             raise HsmError("self-test round trip returned different bytes")
+        self._self_test_passed_at = time.monotonic()
+
+    def _recent_self_test(self) -> None:
+        """Runs the self-test unless one passed within SELF_TEST_CACHE_SECONDS; one caller at a time,
+        so concurrent callers share the probe. A failure is never cached."""
+        with self._self_test_lock:
+            passed = self._self_test_passed_at
+            if passed is not None and time.monotonic() - passed < SELF_TEST_CACHE_SECONDS:
+                return
+            self.self_test()
 
 
 def _split_v1(ciphertext: bytes) -> tuple[bytes, bytes]:
@@ -224,8 +249,14 @@ def resolve_kek(token: Token, label: str, role: Role) -> Kek:
     try:
         uuid, source = key_uuid(token, attrs)
     except KeyNotUsable as exc:
-        raise UnsuitableKey(f"key {label!r} ({role}) refuses AES-GCM: {exc}") from exc
-    return Kek(role=role, label=label, uuid=str(uuid), uuid_source=source, handle=handle)
+        raise UnsuitableKey(f"key {label!r} ({role}) has no stable UUID: {exc}") from exc
+    aliases = tuple(str(alias) for alias in alias_uuids(token, attrs, uuid))
+    return Kek(role=role, label=label, uuid=str(uuid), uuid_source=source, handle=handle, aliases=aliases,
+               policy_warnings=tuple(policy_problems(attrs)))
+
+
+class GcmIvUnusable(UnsuitableKey):
+    """No GCM IV mode works for the primary key on this module, or not the configured one."""
 
 
 def build_keyring(token: Token, primary_label: str, secondary_labels: Iterable[str],
@@ -237,6 +268,10 @@ def build_keyring(token: Token, primary_label: str, secondary_labels: Iterable[s
     knows it, so the primary keeps serving and only Decrypts under that key are refused.
     """
     primary = resolve_kek(token, primary_label, Role.PRIMARY)
+    try:
+        token.resolve_gcm_iv(primary.handle)  # GCM_IV = auto decides here, once per token
+    except GcmIvError as exc:
+        raise GcmIvUnusable(str(exc)) from exc
     secondaries: list[Kek] = []
     missing: list[MissingKey] = []
     for label in secondary_labels:
@@ -246,10 +281,11 @@ def build_keyring(token: Token, primary_label: str, secondary_labels: Iterable[s
             missing.append(MissingKey(Role.SECONDARY, label, (known_uuids or {}).get(label)))
     seen: dict[str, Kek] = {}
     for kek in (primary, *secondaries):
-        twin = seen.get(kek.uuid)
-        if twin is not None:
-            raise UnsuitableKey(
-                f"labels {twin.label!r} and {kek.label!r} name the same key (UUID {kek.uuid}); list it once"
-            )
-        seen[kek.uuid] = kek
+        for name in (kek.uuid, *kek.aliases):
+            twin = seen.get(name)
+            if twin is not None:
+                raise UnsuitableKey(
+                    f"labels {twin.label!r} and {kek.label!r} name the same key (UUID {name}); list it once"
+                )
+            seen[name] = kek
     return Keyring(token, primary, tuple(secondaries), tuple(missing))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from p11kms.hsm.errors import ckr_name
+from p11kms.observability import build_info
 from p11kms.plugin.keyring import Keyring
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -41,10 +42,24 @@ class Metrics:
         self.configured = Gauge("p11kms_keyring_keys", "Keys in the keyring by role.", ["role"], registry=r)
         self.missing = Gauge("p11kms_keyring_missing_key", "A configured decrypt-only key that is not in the HSM "
                              "(value 1); Decrypts under it fail until it is restored.", ["label", "role"], registry=r)
+        self.weak_key = Gauge("p11kms_key_policy_weak", "A loaded key that is extractable, not sensitive, shorter "
+                              "than 256 bits or allows wrap/derive (value 1).", ["label", "role"], registry=r)
         self.decrypts = Counter("p11kms_decrypt", "Successful Decrypts by key UUID and role.", ["key_uuid", "role"],
                                 registry=r)
         self.reloads = Counter("p11kms_keyring_reloads", "Keyring reloads (SIGHUP) by result.", ["result"],
                                registry=r)
+        self.config_reload_failed = Gauge("p11kms_config_reload_failed", "1 while the newest config on disk is "
+                                          "rejected and the previous keyring serves, else 0.", registry=r)
+        self.config_reload_success = Gauge("p11kms_config_last_reload_success_timestamp_seconds",
+                                           "Unix time of the last config load that was adopted (start or reload).",
+                                           registry=r)
+        info = build_info()
+        self.build_info = Gauge("p11kms_build_info", "The running p11kms (value 1): its version, Python and grpcio.",
+                                list(info), registry=r)
+        self.build_info.labels(**info).set(1)
+        self.check_probes = Counter("p11kms_check_probes", "The deliberate unknown-key_id Decrypts of `p11kms check`, "
+                                    "by gRPC code; kept out of p11kms_grpc_requests_total so alerts do not see them.",
+                                    ["code"], registry=r)
 
     # HsmObserver
     def pkcs11_call(self, function: str, seconds: float, rv: int) -> None:
@@ -64,6 +79,10 @@ class Metrics:
         self.missing.clear()
         for missing in keyring.missing:
             self.missing.labels(missing.label, missing.role.value).set(1)
+        self.weak_key.clear()
+        for kek in keyring.keys:
+            if kek.policy_warnings:
+                self.weak_key.labels(kek.label, kek.role.value).set(1)
 
     def hsm_state(self, state: str) -> None:
         self.hsm_state_info.clear()
@@ -81,9 +100,18 @@ class Metrics:
     def decrypted(self, key_uuid: str, role: str) -> None:
         self.decrypts.labels(key_uuid, role).inc()
 
+    def check_probe(self, code: str) -> None:
+        self.check_probes.labels(code).inc()
+
     # reloads are counted by the server, which knows whether the new config was accepted
     def reload(self, succeeded: bool) -> None:
         self.reloads.labels("success" if succeeded else "failure").inc()
+
+    def config_reload(self, succeeded: bool) -> None:
+        """The state of the newest config on disk: adopted (now), or rejected until a good one arrives."""
+        self.config_reload_failed.set(0 if succeeded else 1)
+        if succeeded:
+            self.config_reload_success.set_to_current_time()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

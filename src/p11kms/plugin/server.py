@@ -26,7 +26,8 @@ from p11kms.config import (
 )
 from p11kms.hsm.errors import HsmError
 from p11kms.kmsv2 import api_pb2_grpc
-from p11kms.observability import log_event
+from p11kms.observability import build_info, log_event
+from p11kms.plugin.configwatch import ConfigWatch, file_generation
 from p11kms.plugin.health import CachedHealth
 from p11kms.plugin.httpserver import PluginHttpServer, ProbeSource
 from p11kms.plugin.keyring import Keyring, KeyringError
@@ -254,6 +255,11 @@ class Plugin:
         self.server: grpc.Server | None = None
         self.lock = SocketLock(config.socket)
         self._socket_identity: SocketIdentity | None = None
+        # The config generation (a short SHA-256 of the file) serving now, and the newest one rejected.
+        self.config_generation = file_generation(config.path)
+        self.config_rejected: tuple[str | None, str] | None = None  # (generation, reason)
+        self.watch = ConfigWatch(config.path, self.config_generation)
+        self.metrics.config_reload(succeeded=True)
 
     def healthz(self) -> str:
         """The Status healthz: the supervisor's cause at once while the HSM is down, else the cached probe."""
@@ -283,7 +289,7 @@ class Plugin:
         self._socket_identity = publish_socket(staging, self.config.socket, self.log)
         self.lock.mark(SERVING)
         log_event(self.log, logging.INFO, "serving KMS v2", socket=str(self.config.socket),
-                  key_id=self.keys.key_id, hsm=self.keys.state.value, sessions=self.config.sessions)
+                  key_id=self.keys.key_id, hsm=self.keys.state.value, sessions=self.config.sessions, **build_info())
 
     def _start_http(self) -> None:
         if self.config.http_address is None:
@@ -305,9 +311,16 @@ class Plugin:
         keys: list[dict[str, object]] = []
         if keyring is not None:
             keys = [{"role": k.role.value, "label": k.label, "uuid": k.uuid, "state": "loaded"} for k in keyring.keys]
+            for entry, kek in zip(keys, keyring.keys, strict=True):
+                if kek.policy_warnings:
+                    entry["policy_warnings"] = list(kek.policy_warnings)
             keys += [{"role": m.role.value, "label": m.label, "uuid": m.uuid, "state": "missing from the hsm"}
                      for m in keyring.missing]
-        return {"hsm": self.keys.state.value, "key_id": self.keys.key_id, "keys": keys}
+        config: dict[str, object] = {"path": str(self.config.path), "generation": self.config_generation,
+                                     "reload_failed": self.config_rejected is not None}
+        if self.config_rejected is not None:
+            config["rejected_generation"], config["error"] = self.config_rejected
+        return {"hsm": self.keys.state.value, "key_id": self.keys.key_id, "keys": keys, "config": config}
 
     def request_stop(self) -> None:
         self._stop_requested = True
@@ -323,22 +336,39 @@ class Plugin:
         while not self._stop_requested:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            if self._reload_requested and not self._stop_requested:
+            if self._stop_requested:
+                break
+            if self._reload_requested:
                 self._reload_requested = False
-                self.reload()
+                self.reload("SIGHUP")
+            elif self.watch.poll() is not None:
+                self.reload("config file changed")
         self.stop()
 
-    def reload(self) -> None:
-        """Re-reads the config and swaps in the new keyring; on any error the old keyring stays."""
+    def reload(self, trigger: str = "SIGHUP") -> None:
+        """Re-reads the config and swaps in the new keyring; on any error the old keyring stays.
+
+        Calls in flight keep the keyring they took (the supervisor hands each call one keyring),
+        so a reload never fails a call. The generation is taken before the file is parsed: if the
+        file changes in between, the watch sees a generation other than the one recorded and
+        reloads once more.
+        """
+        generation = file_generation(self.config.path)
+        self.watch.settle(generation)
         try:
             config = load_config(self.config.path)
             keyring = self.keys.reload(config)
         except (ConfigError, HsmError, KeyringError) as exc:
             self.metrics.reload(succeeded=False)
+            self.metrics.config_reload(succeeded=False)
+            self.config_rejected = (generation, str(exc))
             log_event(self.log, logging.ERROR, "reload failed; still serving the previous keyring",
-                      error=str(exc), key_id=self.keys.key_id)
+                      trigger=trigger, error=str(exc), key_id=self.keys.key_id, rejected_generation=generation,
+                      serving_generation=self.config_generation)
             return
         self.metrics.reload(succeeded=True)
+        self.metrics.config_reload(succeeded=True)
+        self.config_generation, self.config_rejected = generation, None
         ignored = restart_only_changes(self.config, config)
         if ignored:
             log_event(self.log, logging.WARNING, "reload ignores settings that need a restart; they keep their "
@@ -350,6 +380,8 @@ class Plugin:
             log_event(self.log, logging.WARNING, "reload noted; the hsm is down, the new keys apply on reconnect")
             return
         log_keyring(self.log, keyring, "keyring reloaded")
+        log_event(self.log, logging.INFO, "config reloaded", trigger=trigger, generation=generation,
+                  key_id=keyring.key_id)
 
     def stop(self) -> None:
         log_event(self.log, logging.INFO, "stopping; finishing in-flight calls",

@@ -38,6 +38,9 @@ MAX_KEY_ID_BYTES = 1024  # kube-apiserver refuses longer key_ids (spec 2.2)
 # annotations (spec 2.7); anything past this is refused by gRPC (RESOURCE_EXHAUSTED) before it is parsed.
 MAX_MESSAGE_BYTES = 64 * 1024
 _NO_DEADLINE = 86400.0  # gRPC reports "no deadline" as centuries left
+# `p11kms check` sends one Decrypt with a key_id it made up, to see it refused. That refusal is counted
+# in p11kms_check_probes_total and logged at INFO, never as the unknown-key_id error alerts watch for.
+CHECK_PROBE_KEY_ID_PREFIX = "p11kms-check-unknown-"
 _Reply = TypeVar("_Reply")
 _Result = TypeVar("_Result")
 
@@ -47,7 +50,10 @@ class ServiceObserver(Protocol):
         """One RPC ended with gRPC status ``code`` after ``seconds``."""
 
     def decrypted(self, key_uuid: str, role: str) -> None:
-        """A Decrypt succeeded with this key: shows how much data still uses old keys."""
+        """A Decrypt succeeded with this key (kube-apiserver caches DEK seeds: not a measure of old data)."""
+
+    def check_probe(self, code: str) -> None:
+        """The deliberate unknown-key_id Decrypt of `p11kms check` ended with gRPC status ``code``."""
 
 
 class NullServiceObserver:
@@ -55,6 +61,9 @@ class NullServiceObserver:
         pass
 
     def decrypted(self, key_uuid: str, role: str) -> None:
+        pass
+
+    def check_probe(self, code: str) -> None:
         pass
 
 
@@ -208,14 +217,22 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
             log_event(self._log, logging.DEBUG, "decrypt", uid=request.uid, key_uuid=request.key_id)
             return api_pb2.DecryptResponse(plaintext=plaintext)
 
-        return self._answer(context, "Decrypt", request.uid, decrypt)
+        return self._answer(context, "Decrypt", request.uid, decrypt,
+                            probe=request.key_id.startswith(CHECK_PROBE_KEY_ID_PREFIX))
 
-    def _answer(self, context: grpc.ServicerContext, method: str, uid: str, work: Callable[[], _Reply]) -> _Reply:
+    def _answer(self, context: grpc.ServicerContext, method: str, uid: str, work: Callable[[], _Reply],
+                probe: bool = False) -> _Reply:
         started = time.perf_counter()
         try:
             reply = work()
         except Exception as exc:
             code, message = status_for(exc)
+            if probe and code is grpc.StatusCode.FAILED_PRECONDITION:
+                self._observer.check_probe(code.name)
+                log_event(self._log, logging.INFO, "refused the unknown key_id of a p11kms check probe, as expected",
+                          uid=uid or "-", code=code.name)
+                context.abort(code, message)
+                raise  # unreachable: abort raises
             self._observer.rpc(method, code.name, time.perf_counter() - started)
             serious = code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
             level = logging.ERROR if serious else logging.WARNING

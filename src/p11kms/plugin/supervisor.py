@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 from p11kms.config import PinError, PluginConfig, read_pin
+from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import (
     DuplicateKeyLabel,
     HsmError,
@@ -34,26 +35,28 @@ from p11kms.hsm.errors import (
     KeyNotFound,
     LoginFailed,
 )
+from p11kms.hsm.keyident import key_uuid
 from p11kms.hsm.module import load_module
 from p11kms.hsm.observer import HsmObserver
 from p11kms.hsm.token import Token, open_token
 from p11kms.observability import log_event
 from p11kms.plugin.health import describe_failure
-from p11kms.plugin.keyring import KeyMissing, Keyring, KeyringError, UnsuitableKey, build_keyring
+from p11kms.plugin.keyring import KeyMissing, Keyring, KeyringError, UnknownKeyId, UnsuitableKey, build_keyring
 
 NOT_READY_KEY_ID = "p11kms-keyring-not-loaded"  # Status key_id before any key was ever loaded
 # What a reload (SIGHUP) adopts; every other setting keeps its value from the start until a restart.
 RELOADABLE = ("primary_key", "secondary_keys", "log_level")
 GATE_WAIT_SECONDS = 2.0  # a request waits at most this long for a reconnect to finish, then fails
 MISSING_KEY_RECHECK_SECONDS = 5.0  # how often a Decrypt under a missing key may look for it again
+UNCONFIGURED_RECHECK_SECONDS = 60.0  # how often a Decrypt under a key not in the config may search the HSM for it
 _Result = TypeVar("_Result")
 
 
 def open_configured_token(config: PluginConfig, pin: bytes | None = None) -> Token:
     """Loads the module, finds the configured token and logs in with ``pin`` or the configured PIN source."""
-    module = load_module(config.module)
+    module = load_module(config.module, init_args=config.module_init_args)
     info = module.find_token(label=config.token_label, serial=config.token_serial, slot=config.slot)
-    return open_token(module, info, read_pin(config) if pin is None else pin, config.sessions)
+    return open_token(module, info, read_pin(config) if pin is None else pin, config.sessions, config.gcm_iv)
 
 
 def restart_only_changes(running: PluginConfig, new: PluginConfig) -> list[str]:
@@ -70,14 +73,34 @@ def adopt_reloadable(running: PluginConfig, new: PluginConfig) -> PluginConfig:
 def log_keyring(logger: logging.Logger, keyring: Keyring, event: str) -> None:
     """One line per key with role, label and UUID: the rotation procedure reads the key UUID here."""
     for kek in keyring.keys:
-        log_event(logger, logging.INFO, f"{event}: key", role=kek.role.value, label=kek.label,
+        log_event(logger, logging.INFO, event, role=kek.role.value, label=kek.label,
                   uuid=kek.uuid, uuid_source=kek.uuid_source)
+        if kek.aliases:  # every key has some on a module that honours caller IVs: debug only (keys list shows them)
+            log_event(logger, logging.DEBUG, f"{event}: key aliases", label=kek.label, uuid=kek.uuid,
+                      decrypt_only=",".join(kek.aliases))
+        if kek.policy_warnings:
+            log_event(logger, logging.WARNING, f"{event}: key is weaker than p11kms keys create makes it",
+                      role=kek.role.value, label=kek.label, uuid=kek.uuid, problems="; ".join(kek.policy_warnings),
+                      fix="move to a new key (p11kms keys create) and rotate; doctor fails this key")
+    log_event(logger, logging.INFO, f"{event}: gcm iv", configured=keyring.token.gcm_iv,
+              mode=keyring.token.gcm_iv_used or "undecided", reason=keyring.token.gcm_iv_reason or "-")
     for missing in keyring.missing:
         log_event(logger, logging.WARNING, f"{event}: configured key missing from the hsm",
                   role=missing.role.value, label=missing.label, uuid=missing.uuid or "unknown",
                   effect="decrypts under this key fail; the primary keeps serving",
                   fix="restore the key from an hsm backup or replica, then send SIGHUP; never create a new key "
                       "under the old label")
+
+
+class UnconfiguredKey(UnknownKeyId):
+    """The key_id names a key that is in the HSM but not in this node's config: it was not staged here."""
+
+    def __init__(self, key_id: str, label: str) -> None:
+        KeyringError.__init__(
+            self, f"key_id {key_id} is the key {label!r}, which exists in the HSM but is not in this node's config: "
+                  f"stage it (p11kms rotate stage {label} --config FILE on this node); another node already "
+                  "encrypts with it, so reads through this node fail until then")
+        self.key_id = key_id
 
 
 def _digest(pin: bytes) -> str:
@@ -169,7 +192,7 @@ class KeyringSupervisor:
         self._config = config
         self._log = logger
         # A wrong module path is a config error: raise now. Initialising may fail while the HSM is away.
-        self._module = load_module(config.module, initialize=False)
+        self._module = load_module(config.module, initialize=False, init_args=config.module_init_args)
         if hsm_observer is not None:
             self._module.observer = hsm_observer
         self._retry_initial, self._retry_max, self._pin_poll = retry_initial, retry_max, pin_poll
@@ -186,6 +209,7 @@ class KeyringSupervisor:
         self._last_key_id: str | None = None
         self._generation = 0
         self._last_refresh = 0.0
+        self._unconfigured: dict[str, tuple[str | None, float]] = {}  # key_id -> (label in the HSM, looked up at)
         self._state = HsmState.CONNECTING
         self._cause = "connecting to the hsm"
         self._env_pin: bytes | None = None
@@ -226,6 +250,30 @@ class KeyringSupervisor:
             except (HsmUnavailable, LoginFailed, KeyNotFound) as exc:
                 self._on_failure(exc, generation)
                 raise
+            except UnknownKeyId as exc:
+                label = None if isinstance(exc, KeyMissing) else self._label_in_hsm(keyring, exc.key_id)
+                if label is None:
+                    raise
+                raise UnconfiguredKey(exc.key_id, label) from exc
+
+    def _label_in_hsm(self, keyring: Keyring, key_id: str) -> str | None:
+        """The label of the HSM key whose UUID is ``key_id`` though the config does not name it (another
+        node encrypts with a key this node has not staged), or None. Looked up at most once a minute per key_id."""
+        now = time.monotonic()
+        cached = self._unconfigured.get(key_id)
+        if cached is not None and now - cached[1] < UNCONFIGURED_RECHECK_SECONDS:
+            return cached[0]
+        found = None
+        try:
+            for handle in keyring.token.find_secret_keys():
+                attrs = keyring.token.key_attributes(handle)
+                if attrs.key_type == ck.CKK_AES and str(key_uuid(keyring.token, attrs)[0]) == key_id:
+                    found = attrs.label
+                    break
+        except HsmError:
+            found = None
+        self._unconfigured[key_id] = (found, now)
+        return found
 
     def _serving_keyring(self) -> tuple[Keyring, int]:
         with self._lock:

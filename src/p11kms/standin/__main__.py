@@ -27,10 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kms-timeout", type=float, default=3.0, help="per-call deadline (kube-apiserver: 3s)")
     parser.add_argument("--status-interval", type=float, default=HEALTHY_INTERVAL)
     parser.add_argument("--status-retry-interval", type=float, default=UNHEALTHY_INTERVAL)
+    parser.add_argument("--providers", default="kms,identity",
+                        help="the EncryptionConfiguration's providers for secrets, in order: kms and/or identity")
     args = parser.parse_args(argv)
     logger = build_logger("text", "info")
 
-    kms = KmsEnvelope(KmsClient(args.kms_socket, args.kms_timeout), args.provider_name)
+    providers = tuple(p.strip() for p in args.providers.split(","))
+    if not providers or not set(providers) <= {"kms", "identity"}:
+        parser.error("--providers lists kms and/or identity, e.g. identity,kms")
+    kms = KmsEnvelope(KmsClient(args.kms_socket, args.kms_timeout), args.provider_name, providers=providers)
     poller = StatusPoller(kms, args.status_interval, args.status_retry_interval)
     poller.start()
     host, _, port = args.listen.rpartition(":")

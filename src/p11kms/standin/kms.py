@@ -39,9 +39,12 @@ class WriteState:
 
 
 class KmsEnvelope:
-    def __init__(self, client: KmsClient, provider: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, client: KmsClient, provider: str, clock: Callable[[], float] = time.monotonic,
+                 providers: tuple[str, ...] = ("kms", "identity")) -> None:
         self.client = client
         self.provider = provider
+        # The EncryptionConfiguration's provider list, in order: the first writes, every one reads.
+        self.providers = providers
         self._clock = clock
         self._lock = threading.Lock()
         self._state: WriteState | None = None
@@ -100,6 +103,8 @@ class KmsEnvelope:
         return []
 
     def seal(self, plaintext: bytes, etcd_key: bytes) -> bytes:
+        if self.providers[0] == "identity":
+            return plaintext
         state = self._state
         if state is None:
             raise KmsUnavailable("got unexpected nil transformer: the KMS plugin has not answered Status+Encrypt yet")
@@ -114,11 +119,15 @@ class KmsEnvelope:
 
     def open(self, value: bytes, etcd_key: bytes) -> tuple[bytes, bool]:
         """Returns (plaintext, stale). Stale values are rewritten by an update (spec 2.5, 4.4)."""
+        if envelope.value_kind(value) != "kms-v2":
+            if "identity" not in self.providers:
+                raise KmsUnavailable("the value is stored in clear and no identity provider is configured")
+            return value, self.providers[0] != "identity"  # read by a later provider: stale
+        if "kms" not in self.providers:
+            raise KmsUnavailable("the value is encrypted by a kms provider, and this server has none configured")
         state = self._state
         if state is None:
             raise KmsUnavailable("got unexpected nil transformer: the KMS plugin has not answered Status+Encrypt yet")
-        if envelope.value_kind(value) != "kms-v2":
-            return value, True  # identity: read by a later provider, so stale
         sealed = envelope.decode(value)
         if sealed.provider != self.provider:
             raise KmsUnavailable(f"no KMS provider named {sealed.provider!r} is configured")
@@ -130,7 +139,8 @@ class KmsEnvelope:
             except grpc.RpcError as exc:
                 raise KmsUnavailable(f"KMS Decrypt failed: {exc.code().name}: {exc.details()}") from exc
             self._decrypted[sealed.cache_key] = dek_source
-        stale = sealed.key_id != state.key_id or sealed.dek_source_type != envelope.TYPE_HKDF_SEED
+        stale = (self.providers[0] != "kms" or sealed.key_id != state.key_id
+                 or sealed.dek_source_type != envelope.TYPE_HKDF_SEED)
         return envelope.open_data(sealed, dek_source, etcd_key), stale
 
 

@@ -1,0 +1,28 @@
+"""bench/throughput.py runs and prints well-formed figures. No timing thresholds: the benchmark
+reports (docs/performance.md), the test only proves it works end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_throughput_bench_reports_every_phase_for_both_servers(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--calls", "64",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    phases = {(p["server"], p["method"], p["callers"]): p for p in report["phases"]}
+    assert set(phases) == {(server, method, callers) for server in ("noop", "p11kms")
+                           for method in ("Encrypt", "Decrypt") for callers in (1, 16, 64)}
+    for phase in phases.values():
+        assert phase["errors"] == 0 and phase["calls"] == 64
+        assert phase["calls_per_second"] > 0 and 0 < phase["p50_ms"] <= phase["p99_ms"] <= phase["max_ms"]
+    assert report["peak_rss_kib"]["p11kms"] > 0 and report["ready_seconds"]["p11kms"] > 0
+    assert report["hsm_operation_cpu"]["decrypt_us"] > 0
+    assert "(1." in result.stdout or "(0." in result.stdout  # ratios to the floor are printed
