@@ -64,6 +64,12 @@ def start_plugin(config: Path, env: dict[str, str], log: Path) -> subprocess.Pop
     return plugin
 
 
+def percentile(values: list[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie (0.0 for no values)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
 def status_key_id(socket: Path) -> str:
     """The key_id Status reports, or "" when the call fails."""
     with KmsClient(socket, timeout=1.0) as client:

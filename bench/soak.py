@@ -25,14 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _env import healthz, make_token, remote_hsm, start_plugin, status_key_id, write_config
+from _env import healthz, make_token, percentile, remote_hsm, start_plugin, status_key_id, write_config
 
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return -1
+from tests.support import proc_status
 
 
 @dataclass
@@ -44,11 +39,6 @@ class Tally:
     errors: list[tuple[float, str]] = field(default_factory=list)  # (wall-clock time, gRPC code)
     encrypt_ms: list[float] = field(default_factory=list)
     decrypt_ms: list[float] = field(default_factory=list)
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2)
 
 
 def _caller_process(socket: str, threads: int, total: int, counter: Any, results: Any) -> None:
@@ -103,7 +93,7 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
     hsm.start()
     config = write_config(directory, hsm.client_module, pin, Sessions="16")
     plugin = start_plugin(config, env, directory / "plugin.log")
-    rss_before = _rss_kib(plugin.pid)
+    rss_before = proc_status(plugin.pid, "VmRSS")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     counter = context.Value("q", 0)
@@ -118,7 +108,7 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
 
     def wait_for_calls(done: int) -> None:
         while counter.value < done:
-            rss_samples.append(_rss_kib(plugin.pid))
+            rss_samples.append(proc_status(plugin.pid, "VmRSS"))
             time.sleep(0.05)
 
     wait_for_calls(calls // 3)
@@ -141,7 +131,7 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
     for worker in workers:
         worker.join()
     elapsed = time.time() - started
-    rss_after = _rss_kib(plugin.pid)
+    rss_after = proc_status(plugin.pid, "VmRSS")
     alive = plugin.poll() is None
     plugin.send_signal(signal.SIGTERM)
     plugin.wait(30)
@@ -161,8 +151,10 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
         "key_id_before_reload": key_id_before, "key_id_after_reload": key_id_after,
         "hsm_down_at_s": round(down_at - started, 1),
         "hsm_outage_s": round(up_at - down_at, 2),
-        "encrypt_ms_p50": _percentile(encrypt_ms, 0.5), "encrypt_ms_p99": _percentile(encrypt_ms, 0.99),
-        "decrypt_ms_p50": _percentile(decrypt_ms, 0.5), "decrypt_ms_p99": _percentile(decrypt_ms, 0.99),
+        "encrypt_ms_p50": round(percentile(encrypt_ms, 0.5), 2),
+        "encrypt_ms_p99": round(percentile(encrypt_ms, 0.99), 2),
+        "decrypt_ms_p50": round(percentile(decrypt_ms, 0.5), 2),
+        "decrypt_ms_p99": round(percentile(decrypt_ms, 0.99), 2),
         "rss_kib_before": rss_before, "rss_kib_after": rss_after,
         "rss_kib_first_half_max": max(rss_samples[: len(rss_samples) // 2]),
         "rss_kib_second_half_max": max(rss_samples[len(rss_samples) // 2 :]), "plugin_alive": alive,

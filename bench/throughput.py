@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _env import TOKEN, USER_PIN, healthz, make_token, write_config
+from _env import TOKEN, USER_PIN, healthz, make_token, percentile, write_config
+
+from tests.support import proc_status
 
 CALLERS = (1, 16, 64)
 SEED = bytes(range(32))
@@ -116,21 +118,9 @@ class Phase:
     errors: int
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
-
-
-def _peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def run_phase(server: str, pid: int, socket: Path, method: str, callers: int, calls: int,
@@ -152,7 +142,7 @@ def run_phase(server: str, pid: int, socket: Path, method: str, callers: int, ca
     latencies = [value for part in collected for value in part[0]]
     done = len(latencies)
     return Phase(server, method, callers, done, round(seconds, 2), round(done / seconds, 1),
-                 round(_percentile(latencies, 0.5) * 1000, 2), round(_percentile(latencies, 0.99) * 1000, 2),
+                 round(percentile(latencies, 0.5) * 1000, 2), round(percentile(latencies, 0.99) * 1000, 2),
                  round(max(latencies) * 1000, 2), round(server_cpu / done * 1e6, 1),
                  round(sum(part[2] for part in collected) / done * 1e6, 1),
                  sum(len(part[1]) for part in collected))
@@ -178,7 +168,7 @@ def status_p99_during_decrypts(pid: int, socket: Path, calls: int, processes: in
     run_phase("status-probe", pid, socket, "Decrypt", 16, calls, processes)
     stop.set()
     sampler.join()
-    return round(_percentile(samples, 0.99) * 1000, 2)
+    return round(percentile(samples, 0.99) * 1000, 2)
 
 
 # -- servers -----------------------------------------------------------------------------------------
@@ -264,7 +254,7 @@ def measure(calls: int, latency_ms: int, processes: int, sessions: int) -> dict[
                   for name, server, socket in (("noop", noop, noop_socket), ("p11kms", plugin, directory / "kms.sock"))]
         status_p99 = {"p11kms": status_p99_during_decrypts(plugin.pid, directory / "kms.sock", calls, processes),
                       "noop": status_p99_during_decrypts(noop.pid, noop_socket, calls, processes)}
-        rss = {"p11kms": _peak_rss_kib(plugin.pid), "noop": _peak_rss_kib(noop.pid)}
+        rss = {"p11kms": proc_status(plugin.pid, "VmHWM"), "noop": proc_status(noop.pid, "VmHWM")}
     finally:
         for server in (plugin, noop):
             server.terminate()

@@ -411,9 +411,14 @@ def start_fault_plugin(env: HsmEnv, faults: FaultControl, config: Path, primary:
     return start_plugin(env, config, extra_env=faults.env(env.module))
 
 
+def proc_status(pid: int, field: str) -> int:
+    """One number from /proc/PID/status (``Threads``, ``VmRSS`` and ``VmHWM`` in KiB, ...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} line for pid {pid}")
+
+
 def thread_count(pid: int) -> int:
     """The number of threads of a process, as the kernel counts them."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Threads line for pid {pid}")
+    return proc_status(pid, "Threads")

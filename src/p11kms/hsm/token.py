@@ -418,6 +418,11 @@ class Token:
         self.module.call("C_GetAttributeValue", session, handle, attr, 1)
         return bytes(buf[: attr[0].ulValueLen])
 
+    def aes_keys(self) -> list[SecretKeyAttributes]:
+        """The attributes of every AES secret key on the token: the keys that can be KEKs."""
+        every = (self.key_attributes(handle) for handle in self.find_secret_keys())
+        return [attrs for attrs in every if attrs.key_type == ck.CKK_AES]
+
     def key_attributes(self, handle: int) -> SecretKeyAttributes:
         def as_int(raw: bytes | None) -> int | None:
             return ck.CK_ULONG.from_buffer_copy(raw).value if raw is not None else None

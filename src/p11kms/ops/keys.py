@@ -83,10 +83,7 @@ def list_keys(config: PluginConfig) -> list[KeyRow]:
     token = open_configured_token(config)
     try:
         rows = []
-        for handle in token.find_secret_keys():
-            attrs = token.key_attributes(handle)
-            if attrs.key_type != ck.CKK_AES:  # only AES keys can be KEKs
-                continue
+        for attrs in token.aes_keys():  # only AES keys can be KEKs
             aliases: tuple[str, ...] = ()
             try:
                 uuid_value, source = key_uuid(token, attrs)

@@ -155,11 +155,7 @@ class Keyring:
     def encrypt(self, plaintext: bytes) -> bytes:
         if not plaintext:
             raise InvalidPlaintext("plaintext is empty; kube-apiserver always sends a 32-byte DEK seed")
-        if len(plaintext) > MAX_PLAINTEXT_BYTES:
-            raise InvalidPlaintext(
-                f"plaintext is {len(plaintext)} bytes; at most {MAX_PLAINTEXT_BYTES} fit in the "
-                f"{MAX_CIPHERTEXT_BYTES}-byte ciphertext limit of KMS v2"
-            )
+        check_plaintext_size(plaintext)
         iv, sealed = self.token.gcm_encrypt(self.primary.handle, plaintext, _aad(self.primary.uuid))
         return bytes([FORMAT_V1]) + iv + sealed
 
@@ -204,13 +200,27 @@ class Keyring:
             self.self_test()
 
 
-def _split_v1(ciphertext: bytes) -> tuple[bytes, bytes]:
-    if not ciphertext:
-        raise MalformedCiphertext("ciphertext is empty")
+def check_plaintext_size(plaintext: bytes) -> None:
+    """Refuses a plaintext too long to wrap; the service calls it too, before a call takes an HSM slot."""
+    if len(plaintext) > MAX_PLAINTEXT_BYTES:
+        raise InvalidPlaintext(
+            f"plaintext is {len(plaintext)} bytes; at most {MAX_PLAINTEXT_BYTES} fit in the "
+            f"{MAX_CIPHERTEXT_BYTES}-byte ciphertext limit of KMS v2"
+        )
+
+
+def check_ciphertext_size(ciphertext: bytes) -> None:
+    """Refuses a ciphertext longer than p11kms ever issues; the service calls it too, before the HSM slot."""
     if len(ciphertext) > MAX_CIPHERTEXT_BYTES:
         raise MalformedCiphertext(
             f"ciphertext is {len(ciphertext)} bytes; p11kms never issues more than {MAX_CIPHERTEXT_BYTES}"
         )
+
+
+def _split_v1(ciphertext: bytes) -> tuple[bytes, bytes]:
+    if not ciphertext:
+        raise MalformedCiphertext("ciphertext is empty")
+    check_ciphertext_size(ciphertext)
     if ciphertext[0] != FORMAT_V1:
         raise MalformedCiphertext(
             f"ciphertext format byte is 0x{ciphertext[0]:02x}, expected 0x{FORMAT_V1:02x}: "

@@ -24,12 +24,12 @@ from p11kms.hsm.errors import (
 from p11kms.kmsv2 import api_pb2, api_pb2_grpc
 from p11kms.observability import log_event
 from p11kms.plugin.keyring import (
-    MAX_CIPHERTEXT_BYTES,
-    MAX_PLAINTEXT_BYTES,
     InvalidPlaintext,
     Keyring,
     MalformedCiphertext,
     UnknownKeyId,
+    check_ciphertext_size,
+    check_plaintext_size,
 )
 
 API_VERSION = "v2"
@@ -197,7 +197,7 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
 
     def Encrypt(self, request: api_pb2.EncryptRequest, context: grpc.ServicerContext) -> api_pb2.EncryptResponse:
         def encrypt() -> api_pb2.EncryptResponse:
-            _check_encrypt_request(request)
+            check_plaintext_size(request.plaintext)  # before the call takes an HSM slot
             with self._admission.slot(_time_left(context)):
                 # Ciphertext and key_id come from the same keyring, even if a reload swaps it meanwhile.
                 ciphertext, key_id = self._keys.run(lambda keyring: (keyring.encrypt(request.plaintext),
@@ -251,12 +251,6 @@ def _time_left(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > _NO_DEADLINE else remaining
 
 
-def _check_encrypt_request(request: api_pb2.EncryptRequest) -> None:
-    if len(request.plaintext) > MAX_PLAINTEXT_BYTES:
-        raise BadRequest(f"plaintext is {len(request.plaintext)} bytes; at most {MAX_PLAINTEXT_BYTES} fit in the "
-                         f"{MAX_CIPHERTEXT_BYTES}-byte ciphertext limit of KMS v2")
-
-
 def _check_decrypt_request(request: api_pb2.DecryptRequest) -> None:
     if not request.key_id:
         raise BadRequest("key_id is empty; send the key_id that Encrypt returned with this ciphertext")
@@ -264,9 +258,7 @@ def _check_decrypt_request(request: api_pb2.DecryptRequest) -> None:
     if key_id_bytes > MAX_KEY_ID_BYTES:
         raise BadRequest(f"key_id is {key_id_bytes} bytes; KMS v2 key_ids are at most {MAX_KEY_ID_BYTES} bytes "
                          "and p11kms issues 36-byte UUIDs: send the key_id that Encrypt returned")
-    if len(request.ciphertext) > MAX_CIPHERTEXT_BYTES:
-        raise BadRequest(f"ciphertext is {len(request.ciphertext)} bytes; p11kms never issues more than "
-                         f"{MAX_CIPHERTEXT_BYTES}")
+    check_ciphertext_size(request.ciphertext)
     if request.annotations:
         names = ", ".join(sorted(request.annotations))
         raise BadRequest(

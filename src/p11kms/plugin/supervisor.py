@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 from p11kms.config import PinError, PluginConfig, read_pin
-from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import (
     DuplicateKeyLabel,
     HsmError,
@@ -38,7 +37,7 @@ from p11kms.hsm.errors import (
 from p11kms.hsm.keyident import key_uuid
 from p11kms.hsm.module import load_module
 from p11kms.hsm.observer import HsmObserver
-from p11kms.hsm.token import Token, open_token
+from p11kms.hsm.token import SecretKeyAttributes, Token, open_token
 from p11kms.observability import log_event
 from p11kms.plugin.health import describe_failure
 from p11kms.plugin.keyring import KeyMissing, Keyring, KeyringError, UnknownKeyId, UnsuitableKey, build_keyring
@@ -101,6 +100,15 @@ class UnconfiguredKey(UnknownKeyId):
                   f"stage it (p11kms rotate stage {label} --config FILE on this node); another node already "
                   "encrypts with it, so reads through this node fail until then")
         self.key_id = key_id
+
+
+def _uuid_or_none(token: Token, attrs: SecretKeyAttributes) -> str | None:
+    """The key's UUID, or None for a key that has none here (no fingerprint mechanism, or an unstable one):
+    one such key must not end the search through the others."""
+    try:
+        return str(key_uuid(token, attrs)[0])
+    except HsmError:
+        return None
 
 
 def _digest(pin: bytes) -> str:
@@ -263,13 +271,9 @@ class KeyringSupervisor:
         cached = self._unconfigured.get(key_id)
         if cached is not None and now - cached[1] < UNCONFIGURED_RECHECK_SECONDS:
             return cached[0]
-        found = None
         try:
-            for handle in keyring.token.find_secret_keys():
-                attrs = keyring.token.key_attributes(handle)
-                if attrs.key_type == ck.CKK_AES and str(key_uuid(keyring.token, attrs)[0]) == key_id:
-                    found = attrs.label
-                    break
+            found = next((attrs.label for attrs in keyring.token.aes_keys()
+                          if _uuid_or_none(keyring.token, attrs) == key_id), None)
         except HsmError:
             found = None
         self._unconfigured[key_id] = (found, now)
