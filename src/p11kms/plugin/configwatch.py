@@ -8,19 +8,19 @@ Operators and tools change a file in three ways, and each defeats a different wa
 - a Kubernetes volume update: ``cfg -> ..data/cfg`` where the kubelet swaps the ``..data`` symlink;
   neither the path nor its first link changes, only the directory the last link points to.
 
-So the watch polls the *path*, not an inode: once a second it takes ``os.stat`` of the path (which
-follows every link), the fully resolved target, and a SHA-256 digest of the bytes. The digest alone
-decides whether the config changed: a ``touch`` or a rewrite with identical bytes is no change, and
-an edit within the same mtime tick is still one. The file is a few hundred bytes, so reading it once
-a second costs nothing, and a second of delay is nothing beside kube-apiserver's one-minute Status
-poll. Polling needs only the standard library and works the same on every filesystem, including
-the bind mounts of a static pod where inotify events from the host may never arrive.
+So the watch polls the *path*, not an inode: once a second it reads the bytes at the path (the read
+follows every link, so it always reaches the file a fresh start would read) and takes their SHA-256
+digest. The digest alone decides whether the config changed: a ``touch`` or a rewrite with identical
+bytes is no change, and an edit within the same mtime tick is still one. The file is a few hundred
+bytes, so reading it once a second costs nothing, and a second of delay is nothing beside
+kube-apiserver's one-minute Status poll. Polling needs only the standard library and works the same
+on every filesystem, including the bind mounts of a static pod where inotify events from the host
+may never arrive.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,22 +42,10 @@ def file_generation(path: Path) -> str | None:
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """What one look at the config path saw."""
+class Change:
+    """The config's content differs from the last generation seen."""
 
-    target: str  # the path with every symbolic link resolved
-    inode: tuple[int, int, int, int] | None  # (st_dev, st_ino, st_size, st_mtime_ns) of the target; None: unreadable
     generation: str | None  # None when the file cannot be read
-
-
-def look(path: Path) -> Snapshot:
-    target = os.path.realpath(path)
-    try:
-        info = os.stat(path)
-        inode: tuple[int, int, int, int] | None = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    except OSError:
-        inode = None
-    return Snapshot(target, inode, file_generation(path))
 
 
 class ConfigWatch:
@@ -71,15 +59,11 @@ class ConfigWatch:
     def __init__(self, path: Path, seen: str | None) -> None:
         self.path = Path(path)
         self.seen = seen
-        self.last = look(self.path)
 
-    def poll(self) -> Snapshot | None:
-        """The new snapshot when the content changed since the last generation seen, else None."""
-        snapshot = look(self.path)
-        self.last = snapshot
-        if snapshot.generation == self.seen:
-            return None
-        return snapshot
+    def poll(self) -> Change | None:
+        """The change when the content differs from the last generation seen, else None."""
+        generation = file_generation(self.path)
+        return None if generation == self.seen else Change(generation)
 
     def settle(self, generation: str | None) -> None:
         """Records the generation the plugin has acted on (loaded, or rejected)."""

@@ -106,6 +106,7 @@ class Metrics:
     # reloads are counted by the server, which knows whether the new config was accepted
     def reload(self, succeeded: bool) -> None:
         self.reloads.labels("success" if succeeded else "failure").inc()
+        self.config_reload(succeeded)
 
     def config_reload(self, succeeded: bool) -> None:
         """The state of the newest config on disk: adopted (now), or rejected until a good one arrives."""

@@ -360,14 +360,12 @@ class Plugin:
             keyring = self.keys.reload(config)
         except (ConfigError, HsmError, KeyringError) as exc:
             self.metrics.reload(succeeded=False)
-            self.metrics.config_reload(succeeded=False)
             self.config_rejected = (generation, str(exc))
             log_event(self.log, logging.ERROR, "reload failed; still serving the previous keyring",
                       trigger=trigger, error=str(exc), key_id=self.keys.key_id, rejected_generation=generation,
                       serving_generation=self.config_generation)
             return
         self.metrics.reload(succeeded=True)
-        self.metrics.config_reload(succeeded=True)
         self.config_generation, self.config_rejected = generation, None
         ignored = restart_only_changes(self.config, config)
         if ignored:
