@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p11kms.config import PLUGIN_SECTION, ConfigError, PluginConfig, load_config
+from p11kms.config import ConfigError, PluginConfig, load_config, parse_settings
 from p11kms.hsm.errors import KeyNotFound
 from p11kms.ops import cluster
 from p11kms.ops.etcdscan import ScanReport, require_key
@@ -52,30 +52,15 @@ class Outcome:
 
 
 # -- the config file as text ----------------------------------------------------------------------
-@dataclass
-class _LabelLines:
-    lines: list[str]  # the file's lines, each with its own line ending
-    primary: int | None  # index of the Primary_key line in the plugin's scope
-    secondary: int | None
+def _label_lines(text: str) -> tuple[int | None, int | None]:
+    """Indexes (in ``text.splitlines()``) of the plugin's Primary_key and Secondary_key lines, found by
+    the config parser itself, so the edit and the plugin agree on which lines are the plugin's."""
+    settings = parse_settings(text.removeprefix("\ufeff"), Path("<config being edited>"))
 
+    def index(key: str) -> int | None:
+        return settings[key].line - 1 if key in settings else None
 
-def _locate(text: str) -> _LabelLines:
-    lines = text.splitlines(keepends=True)
-    found: dict[str, int] = {}
-    section: str | None = None
-    for index, raw in enumerate(lines):
-        stripped = raw.strip()
-        if not stripped or stripped[0] in "#;":
-            continue
-        if stripped.startswith("[") and stripped.endswith("]"):
-            section = stripped[1:-1].strip()
-            continue
-        if section is not None and section.lower() != PLUGIN_SECTION:
-            continue
-        name = stripped.partition("=")[0].strip().lower()
-        if name in ("primary_key", "secondary_key"):
-            found[name] = index
-    return _LabelLines(lines, found.get("primary_key"), found.get("secondary_key"))
+    return index("primary_key"), index("secondary_key")
 
 
 def _with_value(line: str, value: str) -> str:
@@ -91,25 +76,25 @@ def edit_labels(text: str, primary: str, secondaries: tuple[str, ...]) -> str:
     A missing Secondary_key line is added right after Primary_key, in its style; an empty list
     removes the line (an empty value is a config error).
     """
-    located = _locate(text)
-    if located.primary is None:
+    primary_line, secondary_line = _label_lines(text)
+    if primary_line is None:
         raise ConfigError("the config has no Primary_key line in the plugin's part of the file; add one first")
-    lines = list(located.lines)
-    lines[located.primary] = _with_value(lines[located.primary], primary)
+    lines = text.splitlines(keepends=True)
+    lines[primary_line] = _with_value(lines[primary_line], primary)
     joined = ", ".join(secondaries)
-    if located.secondary is not None:
+    if secondary_line is not None:
         if secondaries:
-            lines[located.secondary] = _with_value(lines[located.secondary], joined)
+            lines[secondary_line] = _with_value(lines[secondary_line], joined)
         else:
-            del lines[located.secondary]
+            del lines[secondary_line]
     elif secondaries:
-        template = lines[located.primary]
+        template = lines[primary_line]
         match = _SETTING.match(template)
         assert match is not None
         eol = match["eol"] or ("\r\n" if "\r\n" in text else "\n")
         if not template.endswith(("\n", "\r")):
-            lines[located.primary] = template + eol
-        lines.insert(located.primary + 1, f"{match['indent']}Secondary_key{match['sep']}{joined}{eol}")
+            lines[primary_line] = template + eol
+        lines.insert(primary_line + 1, f"{match['indent']}Secondary_key{match['sep']}{joined}{eol}")
     return "".join(lines)
 
 
