@@ -23,13 +23,12 @@ from p11kms.config import (
     read_pin,
     socket_directory_problem,
 )
-from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError, KeyNotUsable, LoginFailed, TokenNotFound
 from p11kms.hsm.keyident import key_uuid
 from p11kms.hsm.module import Pkcs11Module, load_module
 from p11kms.hsm.token import SecretKeyAttributes, Token, open_token, policy_problems
 from p11kms.ops.checks import Check, verdict
-from p11kms.plugin.keyring import KeyringError, Role, build_keyring
+from p11kms.plugin.keyring import KeyringError, Role, build_keyring, usage_problems
 
 
 def run_doctor(config_path: Path, encryption_config: Path | None = None) -> list[Check]:
@@ -173,17 +172,8 @@ def _key_check(token: Token, config: PluginConfig, label: str, role: Role,
 
 
 def _attribute_problems(attrs: SecretKeyAttributes, role: Role) -> list[str]:
-    problems = []
-    if attrs.key_type != ck.CKK_AES:
-        problems.append("not an AES key")
-    if attrs.sensitive is not True:
-        problems.append("CKA_SENSITIVE is not true")
-    if attrs.extractable is not False:
-        problems.append("CKA_EXTRACTABLE is not false")
-    if attrs.can_decrypt is False or (role is Role.PRIMARY and attrs.can_encrypt is False):
-        problems.append("encrypt/decrypt usage is not allowed")
-    problems += [p for p in policy_problems(attrs) if "SENSITIVE" not in p and "EXTRACTABLE" not in p]
-    return problems
+    """Why the key cannot serve as this role's KEK: its type and usage, then the policy serve warns about."""
+    return usage_problems(attrs, role) + policy_problems(attrs)
 
 
 def _no_uuid_check(name: str, label: str, can_encrypt: bool | None, exc: HsmError, primary_uuid: str) -> Check:

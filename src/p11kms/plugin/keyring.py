@@ -28,7 +28,7 @@ from p11kms.hsm.errors import (
     KeyNotUsable,
 )
 from p11kms.hsm.keyident import alias_uuids, key_uuid
-from p11kms.hsm.token import GCM_IV_BYTES, GCM_TAG_BYTES, Token, policy_problems
+from p11kms.hsm.token import GCM_IV_BYTES, GCM_TAG_BYTES, SecretKeyAttributes, Token, policy_problems
 
 FORMAT_V1 = 0x01
 MAX_CIPHERTEXT_BYTES = 1024  # kube-apiserver rejects longer ciphertexts (spec 2.4)
@@ -240,13 +240,8 @@ def _rejected_message(kek: Kek) -> str:
     )
 
 
-def resolve_kek(token: Token, label: str, role: Role) -> Kek:
-    """Finds the key labelled ``label`` and checks it can wrap and unwrap with AES-GCM."""
-    try:
-        handle = token.find_one_secret_key(label)
-    except KeyNotFound as exc:
-        raise KeyNotFound(f"{role} key {label!r} is not on token {token.info.label!r}", ckr=exc.ckr) from exc
-    attrs = token.key_attributes(handle)
+def usage_problems(attrs: SecretKeyAttributes, role: Role) -> list[str]:
+    """Why the key cannot wrap and unwrap as ``role`` at all; serve refuses such a key, doctor fails it."""
     problems = []
     if attrs.key_type != ck.CKK_AES:
         problems.append("it is not an AES key")
@@ -254,6 +249,17 @@ def resolve_kek(token: Token, label: str, role: Role) -> Kek:
         problems.append("CKA_DECRYPT is false")
     if role is Role.PRIMARY and attrs.can_encrypt is False:
         problems.append("CKA_ENCRYPT is false")
+    return problems
+
+
+def resolve_kek(token: Token, label: str, role: Role) -> Kek:
+    """Finds the key labelled ``label`` and checks it can wrap and unwrap with AES-GCM."""
+    try:
+        handle = token.find_one_secret_key(label)
+    except KeyNotFound as exc:
+        raise KeyNotFound(f"{role} key {label!r} is not on token {token.info.label!r}", ckr=exc.ckr) from exc
+    attrs = token.key_attributes(handle)
+    problems = usage_problems(attrs, role)
     if problems:
         raise UnsuitableKey(f"key {label!r} ({role}) cannot be used: {'; '.join(problems)}")
     try:
