@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # the plugin, and the test harness the benchmarks share
@@ -15,11 +16,25 @@ from p11kms.hsm.keyident import create_kek  # noqa: E402
 from p11kms.hsm.module import load_module  # noqa: E402
 from p11kms.hsm.provision import init_token  # noqa: E402
 from p11kms.hsm.token import open_token  # noqa: E402
+from p11kms.kmsv2 import api_pb2, api_pb2_grpc  # noqa: E402
 from p11kms.kube.client import KmsClient  # noqa: E402 - after the path set-up above
 from p11kms.ops.devenv import find_softhsm_module, write_softhsm_conf  # noqa: E402
 from tests.support import RemoteHsm, p11kit_remote  # noqa: E402
 
 TOKEN, USER_PIN, SO_PIN = "p11kms-bench", "bench-user-pin-1", "bench-so-pin-1"
+
+
+class NoopServicer(api_pb2_grpc.KeyManagementServiceServicer):
+    """The floor: KMS v2 answered with no HSM and no checks (the "ciphertext" is the plaintext after a 0x01)."""
+
+    def Status(self, request: Any, context: Any) -> Any:  # noqa: N802 - named by the .proto
+        return api_pb2.StatusResponse(version="v2", healthz="ok", key_id="noop")
+
+    def Encrypt(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return api_pb2.EncryptResponse(ciphertext=b"\x01" + request.plaintext, key_id="noop")
+
+    def Decrypt(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return api_pb2.DecryptResponse(plaintext=request.ciphertext[1:])
 
 
 def make_token(directory: Path, labels: tuple[str, ...]) -> tuple[dict[str, str], str, Path]:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _env import TOKEN, USER_PIN, healthz, make_token, percentile, write_config
+from _env import TOKEN, USER_PIN, NoopServicer, healthz, make_token, percentile, write_config
 
 from tests.support import proc_status
 
@@ -43,21 +43,9 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 # -- the floor: a servicer that does no work ----------------------------------------------------
 def serve_noop(socket: str, sessions: int, max_calls: int) -> None:
     """Serves KMS v2 with no HSM and no checks, on the plugin's own gRPC server factory."""
-    from p11kms.kmsv2 import api_pb2, api_pb2_grpc
-    from p11kms.plugin.server import _grpc_server
+    from p11kms.plugin.server import grpc_serving
 
-    class Noop(api_pb2_grpc.KeyManagementServiceServicer):
-        def Status(self, request: Any, context: Any) -> Any:  # noqa: N802 - named by the .proto
-            return api_pb2.StatusResponse(version="v2", healthz="ok", key_id="noop")
-
-        def Encrypt(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return api_pb2.EncryptResponse(ciphertext=b"\x01" + request.plaintext, key_id="noop")
-
-        def Decrypt(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return api_pb2.DecryptResponse(plaintext=request.ciphertext[1:])
-
-    server = _grpc_server(sessions, max_calls)
-    api_pb2_grpc.add_KeyManagementServiceServicer_to_server(Noop(), server)  # type: ignore[no-untyped-call]
+    server = grpc_serving(NoopServicer(), sessions, max_calls).server
     server.add_insecure_port(f"unix:{socket}")
     server.start()
     server.wait_for_termination()

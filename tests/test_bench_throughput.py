@@ -26,3 +26,16 @@ def test_throughput_bench_reports_every_phase_for_both_servers(tmp_path: Path) -
     assert report["peak_rss_kib"]["p11kms"] > 0 and report["ready_seconds"]["p11kms"] > 0
     assert report["hsm_operation_cpu"]["decrypt_us"] > 0
     assert "(1." in result.stdout or "(0." in result.stdout  # ratios to the floor are printed
+
+
+def test_floors_bench_reports_every_server_set_up(tmp_path: Path) -> None:
+    out = tmp_path / "floors.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "floors.py"), "--calls", "64",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = {(p["server"], p["callers"]): p for p in json.loads(out.read_text())["phases"]}
+    assert set(phases) == {(setup, callers) for setup in ("sync-2", "sync-16", "sync-64", "aio", "aio-pool")
+                           for callers in (1, 16)}
+    for phase in phases.values():
+        assert phase["errors"] == 0 and phase["calls"] == 64 and phase["server_cpu_us_per_call"] >= 0
+    assert "aio-pool" in result.stdout

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from p11kms.plugin.server import CallExecutor
 from tests.support import (
     FaultControl,
     HsmEnv,
@@ -183,6 +184,47 @@ def test_sigterm_lets_in_flight_calls_finish_ok_within_the_grace(hsm_env: HsmEnv
     assert took < 5, f"exit took {took:.1f}s, longer than Shutdown_Grace = 5"
     assert not plugin.socket.exists()
     assert "stopped" in plugin.log()
+
+
+def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_finish(
+        hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path, new_key: Keys) -> None:
+    label, key_uuid = new_key()
+    plugin = start_fault_plugin(hsm_env, faults, tmp_path / "p11kms.cfg", label, Sessions="4",
+                                Shutdown_Grace="5", Health_Interval="300")
+    try:
+        wait_for_first_probe(faults)
+        faults.set("latency_ms 400")
+        inits = faults.calls("C_EncryptInit")
+        results: list[tuple[str, str]] = []
+        workers = [encrypt_in_background(plugin, results) for _ in range(2)]
+        assert wait_for(lambda: faults.calls("C_EncryptInit") - inits == 2), "the calls never reached the HSM"
+        plugin.signal(signal.SIGTERM)
+        assert wait_for(lambda: "stopping; finishing in-flight calls" in plugin.log())
+        late = rpc_error(lambda: plugin.client(timeout=5).encrypt(b"late" * 8))
+        assert plugin.proc.wait(20) == 0
+        for worker in workers:
+            worker.join(20)
+    finally:
+        plugin.stop()
+    assert late.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stopping (SIGTERM)" in (late.details() or "")
+    assert results == [("OK", key_uuid)] * 2
+    assert faults.calls("C_EncryptInit") - inits == 2  # the refused call never reached the HSM
+
+
+def test_the_call_pool_counts_calls_until_they_finish_including_queued_ones() -> None:
+    pool = CallExecutor(1, "test")
+    release = threading.Event()
+    try:
+        running = pool.submit(release.wait, 10)
+        queued = pool.submit(lambda: "done")  # waits for the only thread
+        assert not pool.wait_until_idle(0.2)
+        release.set()
+        assert pool.wait_until_idle(5)
+        assert running.result() is True and queued.result() == "done"
+    finally:
+        release.set()
+        pool.shutdown()
 
 
 def any_exited(plugins: list[PluginProcess]) -> bool:

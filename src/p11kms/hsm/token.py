@@ -148,7 +148,7 @@ class _SessionPool:
     """
 
     def __init__(self, size: int) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._idle: list[int | None] = [None] * size
         self._closed = False
         self.capacity = size  # sessions the pool may hold; shrinks when the module refuses one more

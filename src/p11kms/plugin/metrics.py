@@ -7,6 +7,8 @@ a payload or a plaintext.
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from p11kms.hsm.errors import ckr_name
@@ -14,6 +16,27 @@ from p11kms.observability import build_info
 from p11kms.plugin.keyring import Keyring
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+
+
+class _Children(Generic[_Metric]):
+    """The labelled children of a metric observed on every request, each looked up once.
+
+    ``labels()`` takes a lock and checks its arguments on every call, several times per request;
+    a dict lookup does not. Only for metrics that are never cleared (clearing orphans the children).
+    """
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -57,13 +80,17 @@ class Metrics:
         self.build_info = Gauge("p11kms_build_info", "The running p11kms (value 1): its version, Python and grpcio.",
                                 list(info), registry=r)
         self.build_info.labels(**info).set(1)
+        self._requests = _Children(self.requests)
+        self._request_seconds = _Children(self.request_seconds)
+        self._hsm_seconds = _Children(self.hsm_seconds)
+        self._decrypts = _Children(self.decrypts)
         self.check_probes = Counter("p11kms_check_probes", "The deliberate unknown-key_id Decrypts of `p11kms check`, "
                                     "by gRPC code; kept out of p11kms_grpc_requests_total so alerts do not see them.",
                                     ["code"], registry=r)
 
     # HsmObserver
     def pkcs11_call(self, function: str, seconds: float, rv: int) -> None:
-        self.hsm_seconds.labels(function).observe(seconds)
+        self._hsm_seconds(function).observe(seconds)
         if rv != 0:
             self.hsm_errors.labels(function, ckr_name(rv)).inc()
 
@@ -94,11 +121,11 @@ class Metrics:
 
     # ServiceObserver
     def rpc(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.request_seconds.labels(method).observe(seconds)
+        self._requests(method, code).inc()
+        self._request_seconds(method).observe(seconds)
 
     def decrypted(self, key_uuid: str, role: str) -> None:
-        self.decrypts.labels(key_uuid, role).inc()
+        self._decrypts(key_uuid, role).inc()
 
     def check_probe(self, code: str) -> None:
         self.check_probes.labels(code).inc()

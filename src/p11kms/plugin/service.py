@@ -80,6 +80,10 @@ class BadRequest(Exception):
     """The request itself is invalid (before any key is touched)."""
 
 
+class PluginStopping(Exception):
+    """The plugin got SIGTERM: calls already accepted are finished, new ones are refused."""
+
+
 class DeadlineTooClose(Exception):
     """The caller's deadline has passed, or leaves less time than the HSM needs: refused before the HSM."""
 
@@ -104,7 +108,7 @@ class HsmAdmission:
         self._waiting = 0
         self._operation = 0.0  # seconds one HSM operation takes; learned from the calls served
         self._clock = clock
-        self._changed = threading.Condition()
+        self._changed = threading.Condition(threading.Lock())
 
     @contextmanager
     def slot(self, remaining: float | None) -> Iterator[None]:
@@ -172,7 +176,7 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         case KeyNotUsable() | KeyNotFound():
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-        case LoginFailed() | HsmUnavailable() | TokenNotFound() | ModuleLoadError():
+        case LoginFailed() | HsmUnavailable() | TokenNotFound() | ModuleLoadError() | PluginStopping():
             return grpc.StatusCode.UNAVAILABLE, str(exc)
         case HsmError():
             return grpc.StatusCode.INTERNAL, f"hsm error: {exc}"
@@ -189,6 +193,11 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
         self._health = health
         self._log = logger
         self._observer = observer or NullServiceObserver()
+        self._stopping = False
+
+    def refuse_new_calls(self) -> None:
+        """From now on every call is refused with UNAVAILABLE; calls already running finish."""
+        self._stopping = True
 
     def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.StatusResponse:
         return self._answer(context, "Status", "-", lambda: api_pb2.StatusResponse(
@@ -224,6 +233,9 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
                 probe: bool = False) -> _Reply:
         started = time.perf_counter()
         try:
+            if self._stopping:
+                raise PluginStopping("p11kms is stopping (SIGTERM) and takes no new calls; retry once it has "
+                                     "restarted")
             reply = work()
         except Exception as exc:
             code, message = status_for(exc)
@@ -234,7 +246,8 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
                 context.abort(code, message)
                 raise  # unreachable: abort raises
             self._observer.rpc(method, code.name, time.perf_counter() - started)
-            serious = code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+            serious = code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE) and not isinstance(
+                exc, PluginStopping)
             level = logging.ERROR if serious else logging.WARNING
             log_event(self._log, level, "request failed", method=method, uid=uid or "-",
                       code=code.name, error=message)

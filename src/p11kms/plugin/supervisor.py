@@ -147,7 +147,7 @@ class _Gate:
     """Any number of requests at once, or one reconnect alone. Both kinds of wait can be bounded."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._active = 0
         self._exclusive = False
 
@@ -155,7 +155,8 @@ class _Gate:
     def shared(self, timeout: float | None = None) -> Iterator[bool]:
         """Yields False, without entering, when a reconnect holds the gate longer than ``timeout``."""
         with self._cond:
-            if not self._cond.wait_for(lambda: not self._exclusive, timeout):
+            # Every request passes here: wait only when a reconnect is under way.
+            if self._exclusive and not self._cond.wait_for(lambda: not self._exclusive, timeout):
                 yield False
                 return
             self._active += 1
@@ -164,7 +165,8 @@ class _Gate:
         finally:
             with self._cond:
                 self._active -= 1
-                self._cond.notify_all()
+                if self._exclusive and self._active == 0:  # only a reconnect waits for the last request
+                    self._cond.notify_all()
 
     @contextmanager
     def exclusive(self, timeout: float | None = None) -> Iterator[bool]:
