@@ -212,18 +212,20 @@ def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_finish(
     assert faults.calls("C_EncryptInit") - inits == 2  # the refused call never reached the HSM
 
 
-def test_the_call_pool_counts_calls_until_they_finish_including_queued_ones() -> None:
+def test_a_stop_waits_for_the_calls_accepted_before_it_queued_ones_included_and_no_later_ones() -> None:
     pool = CallExecutor(1, "test")
-    release = threading.Event()
+    release, later_release = threading.Event(), threading.Event()
     try:
         running = pool.submit(release.wait, 10)
         queued = pool.submit(lambda: "done")  # waits for the only thread
-        assert not pool.wait_until_idle(0.2)
+        assert not pool.finish_accepted_calls(0.2)
+        later = pool.submit(later_release.wait, 10)  # handed over once the stop began: refused by the service
         release.set()
-        assert pool.wait_until_idle(5)
-        assert running.result() is True and queued.result() == "done"
+        assert pool.finish_accepted_calls(5)
+        assert running.result() is True and queued.result() == "done" and not later.done()
     finally:
         release.set()
+        later_release.set()
         pool.shutdown()
 
 

@@ -229,22 +229,28 @@ _STOP_ALLOWANCE = 10.0  # seconds beyond Shutdown_Grace a stopping predecessor m
 
 
 class CallExecutor(futures.ThreadPoolExecutor):
-    """A thread pool for gRPC handlers that counts the calls handed to it and not yet finished.
+    """A thread pool for gRPC handlers that can wait for the calls handed to it so far.
 
-    A stop waits for that count to reach zero before it lets gRPC close the connections: grpcio
-    closes a connection in the same instant as its last call ends, and a client that happens to
-    write on it then (an HTTP/2 ping or window update) loses the answer it had not read yet
-    (UNAVAILABLE "Stream removed"). The count includes calls still queued for a thread.
+    A stop waits for them before it lets gRPC close the connections: grpcio closes a connection
+    in the same instant as its last call ends, and a client that happens to write on it then (an
+    HTTP/2 ping or window update) loses the answer it had not read yet (UNAVAILABLE "Stream
+    removed"). Calls still queued for a thread count too. Calls handed over once the wait began
+    are not waited for: the service refuses them in microseconds, and a steady stream of them must
+    not hold the stop up until Shutdown_Grace.
     """
 
     def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
         self._unfinished = 0
+        self._waiting = False
         self._idle = threading.Condition(threading.Lock())
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> futures.Future[_T]:
         with self._idle:
-            self._unfinished += 1
+            counted = not self._waiting
+            self._unfinished += counted
+        if not counted:
+            return super().submit(fn, *args, **kwargs)
         try:
             return super().submit(self._counted, fn, *args, **kwargs)
         except BaseException:
@@ -263,8 +269,10 @@ class CallExecutor(futures.ThreadPoolExecutor):
             if self._unfinished == 0:
                 self._idle.notify_all()
 
-    def wait_until_idle(self, timeout: float) -> bool:
+    def finish_accepted_calls(self, timeout: float) -> bool:
+        """Waits until every call handed over before this call has finished; False after ``timeout`` s."""
         with self._idle:
+            self._waiting = True
             return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
 
 
@@ -275,10 +283,10 @@ class GrpcServing:
     server: grpc.Server
     pools: tuple[CallExecutor, ...]
 
-    def wait_until_idle(self, timeout: float) -> bool:
-        """True once every call handed to a handler has finished; False if ``timeout`` s passed first."""
+    def finish_accepted_calls(self, timeout: float) -> bool:
+        """True once every call accepted so far has finished; False if ``timeout`` s passed first."""
         give_up_at = time.monotonic() + timeout
-        return all(pool.wait_until_idle(max(0.0, give_up_at - time.monotonic())) for pool in self.pools)
+        return all(pool.finish_accepted_calls(max(0.0, give_up_at - time.monotonic())) for pool in self.pools)
 
 
 class _StatusOnItsOwnThread:
@@ -483,7 +491,7 @@ class Plugin:
         cancelled."""
         give_up_at = time.monotonic() + self.config.shutdown_grace
         service.refuse_new_calls()
-        if serving.wait_until_idle(self.config.shutdown_grace):
+        if serving.finish_accepted_calls(self.config.shutdown_grace):
             time.sleep(ANSWER_DELIVERY_SECONDS)
         serving.server.stop(max(0.0, give_up_at - time.monotonic())).wait()
 
