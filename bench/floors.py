@@ -3,7 +3,9 @@
 Drives no-op servicers (no HSM, no checks) with the client of bench/throughput.py and prints, per
 server set-up, calls/s, p99 and server CPU per Decrypt at 1 and 16 callers:
 
-- ``sync-W``: grpcio's sync server on a thread pool of W workers (p11kms uses 2 x Sessions);
+- ``p11kms``: the plugin's own set-up (``grpc_serving``: grpcio's sync server, a handler pool that
+  starts with two threads, Status on a thread of its own);
+- ``sync-W``: grpcio's sync server on a ThreadPoolExecutor of W workers;
 - ``aio``: the ``grpc.aio`` server answering on its event loop;
 - ``aio-pool``: the ``grpc.aio`` server handing each call to a thread pool and back, as it would
   have to for a blocking PKCS#11 call.
@@ -27,7 +29,7 @@ from typing import Any
 from _env import NoopServicer
 from throughput import run_phase, start_server
 
-SETUPS = ("sync-2", "sync-16", "sync-64", "aio", "aio-pool")
+SETUPS = ("p11kms", "sync-2", "sync-16", "sync-64", "aio", "aio-pool")
 CALLERS = (1, 16)
 _POOL_THREADS = 16
 
@@ -58,6 +60,14 @@ def serve(setup: str, socket: str) -> None:
 
     from p11kms.kmsv2 import api_pb2_grpc
 
+    if setup == "p11kms":
+        from p11kms.plugin.server import grpc_serving
+
+        serving = grpc_serving(NoopServicer(), 8, 1024)
+        serving.server.add_insecure_port(f"unix:{socket}")
+        serving.server.start()
+        serving.server.wait_for_termination()
+        return
     if setup.startswith("sync-"):
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(setup.split("-")[1])),
                              maximum_concurrent_rpcs=1024)

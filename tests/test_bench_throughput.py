@@ -34,7 +34,7 @@ def test_floors_bench_reports_every_server_set_up(tmp_path: Path) -> None:
                              "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     phases = {(p["server"], p["callers"]): p for p in json.loads(out.read_text())["phases"]}
-    assert set(phases) == {(setup, callers) for setup in ("sync-2", "sync-16", "sync-64", "aio", "aio-pool")
+    assert set(phases) == {(setup, callers) for setup in ("p11kms", "sync-2", "sync-16", "sync-64", "aio", "aio-pool")
                            for callers in (1, 16)}
     for phase in phases.values():
         assert phase["errors"] == 0 and phase["calls"] == 64 and phase["server_cpu_us_per_call"] >= 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,13 +19,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from p11kms.plugin.server import CallExecutor
+from p11kms.plugin.server import CallExecutor, WorkerSizer
 from tests.support import (
     FaultControl,
     HsmEnv,
     PluginProcess,
     start_fault_plugin,
     start_plugin,
+    thread_count,
     wait_until_serving,
 )
 
@@ -227,6 +229,100 @@ def test_a_stop_waits_for_the_calls_accepted_before_it_queued_ones_included_and_
         release.set()
         later_release.set()
         pool.shutdown()
+
+
+def blocked_calls(pool: CallExecutor, count: int, release: threading.Event) -> list[threading.Event]:
+    """Hands ``count`` calls to ``pool`` that each report when they start and then wait for ``release``."""
+    started = [threading.Event() for _ in range(count)]
+    for event in started:
+        pool.submit(lambda e=event: (e.set(), release.wait(10)))
+    return started
+
+
+def test_the_handler_pool_starts_small_queues_beyond_it_and_grows_when_allowed() -> None:
+    pool = CallExecutor(8, "test", start_workers=2)
+    release = threading.Event()
+    try:
+        started = blocked_calls(pool, 5, release)
+        assert wait_for(lambda: sum(e.is_set() for e in started) == 2, 5)
+        time.sleep(0.1)
+        assert sum(e.is_set() for e in started) == 2 and pool.threads == 2  # three calls wait for a thread
+        assert pool.backlog_seen() and not pool.backlog_seen()  # reported once per look
+        assert pool.allow_more_workers() == 4 and pool.threads == 4
+        assert wait_for(lambda: sum(e.is_set() for e in started) == 4, 5)
+        assert pool.allow_more_workers() == 8 and pool.allow_more_workers() == 8  # never past the ceiling
+        assert wait_for(lambda: all(e.is_set() for e in started), 5)
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+class CpuReadings:
+    """Process CPU seconds as WorkerSizer reads them, set by the test: the rule is under test, not the machine."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def test_the_sizer_grows_only_while_calls_keep_queueing_and_cpu_is_spare() -> None:
+    pool = CallExecutor(16, "test", start_workers=2)
+    cpu = CpuReadings()
+    sizer = WorkerSizer(pool, logging.getLogger("test"), process_cpu=cpu)
+    release = threading.Event()
+
+    def look(cpu_seconds: float, backlog: bool) -> int:
+        if backlog:  # more calls than threads: at least one queues
+            blocked_calls(pool, pool.workers_allowed + 1, release)
+        time.sleep(0.05)
+        cpu.seconds += cpu_seconds
+        sizer.look()
+        return pool.workers_allowed
+
+    try:
+        assert look(0.0, backlog=True) == 2  # one look is a burst, not a trend
+        assert look(0.0, backlog=True) == 4
+        assert look(0.05, backlog=True) == 4  # a whole core busy: queued calls wait for the GIL
+        assert look(0.05, backlog=True) == 4
+        assert look(0.0, backlog=False) == 4  # nothing queued
+        assert look(0.0, backlog=True) == 4
+        assert look(0.0, backlog=True) == 8
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_slow_hsm_gets_more_handler_threads(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path,
+                                             new_key: Keys) -> None:
+    label, key_uuid = new_key()
+    plugin = start_fault_plugin(hsm_env, faults, tmp_path / "p11kms.cfg", label, Sessions="8",
+                                Health_Interval="300")
+    try:
+        wait_for_first_probe(faults)
+        threads_before = thread_count(plugin.proc.pid)
+        faults.set("latency_ms 50")  # an operation now waits 0.1 s on the HSM, using no CPU
+        results: list[tuple[str, str]] = []
+        stop = threading.Event()
+
+        def keep_calling() -> None:
+            while not stop.is_set():
+                encrypt_in_background(plugin, results).join(10)
+
+        callers = [threading.Thread(target=keep_calling) for _ in range(8)]
+        for caller in callers:
+            caller.start()
+        grew = wait_for(lambda: "more handler threads" in plugin.log(), 15)
+        stop.set()
+        for caller in callers:
+            caller.join(20)
+        threads_after = thread_count(plugin.proc.pid)
+    finally:
+        plugin.stop()
+    assert grew, plugin.log()
+    assert threads_after >= threads_before + 2
+    assert results and set(results) == {("OK", key_uuid)}
 
 
 def any_exited(plugins: list[PluginProcess]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import signal
 import socket
 import stat
@@ -228,52 +229,130 @@ def _try_lock(fd: int) -> bool:
 _STOP_ALLOWANCE = 10.0  # seconds beyond Shutdown_Grace a stopping predecessor may take to log out and exit
 
 
-class CallExecutor(futures.ThreadPoolExecutor):
-    """A thread pool for gRPC handlers that can wait for the calls handed to it so far.
+_Call = tuple["futures.Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any], bool]
 
-    A stop waits for them before it lets gRPC close the connections: grpcio closes a connection
-    in the same instant as its last call ends, and a client that happens to write on it then (an
-    HTTP/2 ping or window update) loses the answer it had not read yet (UNAVAILABLE "Stream
-    removed"). Calls still queued for a thread count too. Calls handed over once the wait began
-    are not waited for: the service refuses them in microseconds, and a steady stream of them must
-    not hold the stop up until Shutdown_Grace.
+
+class CallExecutor(futures.ThreadPoolExecutor):
+    """The thread pool gRPC runs handlers on: it starts small, can grow, and a stop can wait for its calls.
+
+    Growing: see WorkerSizer. ThreadPoolExecutor cannot grow later: it starts a thread only while
+    its count of finished calls, which it takes for idle threads, is zero, and under load that
+    count only rises. So threads, queue and accounting here are this class's own; it subclasses
+    ThreadPoolExecutor only because grpcio takes a per-method pool (Status) only of that class.
+
+    Stopping: a stop waits for the calls handed over before it, queued ones included, before it
+    lets gRPC close the connections: grpcio closes a connection in the same instant as its last
+    call ends, and a client that happens to write on it then (an HTTP/2 ping or window update)
+    loses the answer it had not read yet (UNAVAILABLE "Stream removed"). Calls handed over once
+    the wait began are not waited for: the service refuses them in microseconds, and a steady
+    stream of them must not hold the stop up until Shutdown_Grace.
     """
 
-    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+    def __init__(self, max_workers: int, thread_name_prefix: str, start_workers: int | None = None) -> None:
+        super().__init__(max_workers=1)  # starts nothing; see the class comment
+        self.ceiling = max_workers
+        self._name = thread_name_prefix
+        self._allowed = min(start_workers or max_workers, max_workers)
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._lock = threading.Condition(threading.Lock())
+        self._workers: list[threading.Thread] = []
+        self._idle_threads = 0  # threads not running a call
+        self._queued = 0  # calls handed over that no thread has taken yet
         self._unfinished = 0
         self._waiting = False
-        self._idle = threading.Condition(threading.Lock())
+        self._backlog = False
+        self._closed = False
+
+    @property
+    def workers_allowed(self) -> int:
+        return self._allowed
+
+    @property
+    def threads(self) -> int:
+        return len(self._workers)
+
+    def allow_more_workers(self) -> int:
+        """Doubles the threads the pool may run, up to its ceiling, and starts them; returns the allowance."""
+        with self._lock:
+            self._allowed = min(self.ceiling, 2 * self._allowed)
+            while len(self._workers) < self._allowed and not self._closed:
+                self._start_thread()
+            return self._allowed
+
+    def backlog_seen(self) -> bool:
+        """Whether a call had to queue for a thread since the last look."""
+        with self._lock:
+            seen, self._backlog = self._backlog, False
+            return seen
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> futures.Future[_T]:
-        with self._idle:
+        future: futures.Future[_T] = futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the handler pool is shut down")
             counted = not self._waiting
             self._unfinished += counted
-        if not counted:
-            return super().submit(fn, *args, **kwargs)
-        try:
-            return super().submit(self._counted, fn, *args, **kwargs)
-        except BaseException:
-            self._finished()
-            raise
+            self._queued += 1
+            if self._queued > self._idle_threads:  # no thread is free for this call
+                if len(self._workers) < self._allowed:
+                    self._start_thread()
+                else:
+                    self._backlog = True
+        self._calls.put((future, fn, args, kwargs, counted))
+        return future
 
-    def _counted(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self._finished()
+    def _start_thread(self) -> None:
+        # Daemon: a thread stuck in a hung HSM call must not keep the process from exiting.
+        thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._workers)}", daemon=True)
+        self._workers.append(thread)
+        self._idle_threads += 1  # free from now on: it takes the next queued call
+        thread.start()
 
-    def _finished(self) -> None:
-        with self._idle:
-            self._unfinished -= 1
-            if self._unfinished == 0:
-                self._idle.notify_all()
+    def _work(self) -> None:
+        while True:
+            call = self._calls.get()
+            with self._lock:
+                self._idle_threads -= 1
+                self._queued -= 1
+            if call is None:
+                return
+            future, fn, args, kwargs, counted = call
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = fn(*args, **kwargs)
+                    except BaseException as exc:  # handed to the future, as ThreadPoolExecutor does
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
+            finally:
+                self._done(counted)
+            del call, future, fn, args, kwargs  # drop references before waiting for the next call
+
+    def _done(self, counted: bool) -> None:
+        with self._lock:
+            self._idle_threads += 1
+            if counted:
+                self._unfinished -= 1
+                if self._unfinished == 0:
+                    self._lock.notify_all()
 
     def finish_accepted_calls(self, timeout: float) -> bool:
         """Waits until every call handed over before this call has finished; False after ``timeout`` s."""
-        with self._idle:
+        with self._lock:
             self._waiting = True
-            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+            return self._lock.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._workers)
+            self._queued += len(threads)
+        for _ in threads:
+            self._calls.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
 
 
 @dataclass
@@ -281,12 +360,14 @@ class GrpcServing:
     """A gRPC server and the pools its handlers run on (see ``grpc_serving``)."""
 
     server: grpc.Server
-    pools: tuple[CallExecutor, ...]
+    calls: CallExecutor
+    status: CallExecutor
 
     def finish_accepted_calls(self, timeout: float) -> bool:
         """True once every call accepted so far has finished; False if ``timeout`` s passed first."""
         give_up_at = time.monotonic() + timeout
-        return all(pool.finish_accepted_calls(max(0.0, give_up_at - time.monotonic())) for pool in self.pools)
+        return all(pool.finish_accepted_calls(max(0.0, give_up_at - time.monotonic()))
+                   for pool in (self.calls, self.status))
 
 
 class _StatusOnItsOwnThread:
@@ -312,14 +393,16 @@ def grpc_serving(servicer: api_pb2_grpc.KeyManagementServiceServicer, sessions: 
                  max_calls: int) -> GrpcServing:
     """A gRPC server serving ``servicer`` that holds at most ``max_calls`` calls at once (beyond: RESOURCE_EXHAUSTED).
 
-    Two worker threads per HSM session keep every session busy while the next call is prepared;
-    more threads only fight over the GIL (measured: 256 threads served 1,220 calls/s where 16
-    served 1,840). Held calls beyond the workers wait in the executor's queue, and when one gets a
-    thread, HsmAdmission refuses it at once if its deadline can no longer be met, so the HSM does
-    no work for a caller that gave up. The bound caps threads and memory. Status has a thread of
-    its own: kube-apiserver's health check must not queue behind Decrypts.
+    The handler pool starts with START_WORKERS threads and may grow to two per HSM session
+    (WorkerSizer decides): every thread beyond what keeps the HSM busy only fights over the GIL
+    (measured on SoftHSM2 at 16 callers: 2 threads cost 400-565 µs of CPU per call, 16 threads
+    620-750 µs), while a network HSM needs as many threads as operations it should have in flight.
+    Held calls beyond the workers wait in the executor's queue, and when one gets a thread,
+    HsmAdmission refuses it at once if its deadline can no longer be met, so the HSM does no work
+    for a caller that gave up. The bound caps threads and memory. Status has a thread of its own:
+    kube-apiserver's health check must not queue behind Decrypts.
     """
-    calls = CallExecutor(min(max_calls, 2 * sessions), "kms")
+    calls = CallExecutor(min(max_calls, 2 * sessions), "kms", start_workers=START_WORKERS)
     status = CallExecutor(1, "kms-status")
     server = grpc.server(calls, maximum_concurrent_rpcs=max_calls,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -327,7 +410,60 @@ def grpc_serving(servicer: api_pb2_grpc.KeyManagementServiceServicer, sessions: 
     # The generated registration helper carries no annotations.
     api_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
         _StatusOnItsOwnThread(servicer, status), server)
-    return GrpcServing(server, (calls, status))
+    return GrpcServing(server, calls, status)
+
+
+START_WORKERS = 2
+
+
+class WorkerSizer:
+    """Lets the handler pool grow only while calls keep queueing for a thread and the process has CPU to spare.
+
+    Calls that queue while the process is far from one core busy are waiting for threads that
+    themselves wait on the HSM: more threads put more operations in flight. Calls that queue while
+    the process is busy wait for the GIL, which more threads would only share more ways. Both
+    must hold for two looks in a row (half a second), so that a burst at the edge of a quiet period
+    does not count. The allowance doubles each time and never shrinks before a restart.
+    If other processes starve p11kms of CPU it may grow when it should not: the cost is what every
+    version before this one paid (two threads per session).
+    """
+
+    SPARE_CPU = 0.8  # cores: below this, the GIL is not what the queued calls wait for
+    LOOK_SECONDS = 0.25
+
+    def __init__(self, pool: CallExecutor, logger: logging.Logger,
+                 process_cpu: Callable[[], float] = time.process_time) -> None:
+        self._pool = pool
+        self._log = logger
+        self._process_cpu = process_cpu
+        self._looked_at, self._cpu_then = time.monotonic(), process_cpu()
+        self._wanted_before = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="worker-sizer")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.LOOK_SECONDS) and self._pool.workers_allowed < self._pool.ceiling:
+            self.look()
+
+    def look(self) -> None:
+        now, cpu = time.monotonic(), self._process_cpu()
+        busy = (cpu - self._cpu_then) / max(now - self._looked_at, 1e-3)
+        self._looked_at, self._cpu_then = now, cpu
+        wanted = self._pool.backlog_seen() and busy < self.SPARE_CPU
+        grow, self._wanted_before = wanted and self._wanted_before, wanted
+        if not grow or self._pool.workers_allowed >= self._pool.ceiling:
+            return
+        self._wanted_before = False  # the next step is judged on the new allowance alone
+        allowed = self._pool.allow_more_workers()
+        log_event(self._log, logging.INFO, "more handler threads: calls kept queueing while the process had CPU "
+                  "to spare, so the HSM's answer time is the bound", threads=allowed, ceiling=self._pool.ceiling,
+                  process_cpu=f"{busy:.2f}")
 
 
 class Plugin:
@@ -346,6 +482,7 @@ class Plugin:
         self._reload_requested = False
         self.serving: GrpcServing | None = None
         self.service: KmsService | None = None
+        self.sizer: WorkerSizer | None = None
         self.lock = SocketLock(config.socket)
         self._socket_identity: SocketIdentity | None = None
         # The config generation (a short SHA-256 of the file) serving now, and the newest one rejected.
@@ -374,6 +511,8 @@ class Plugin:
         self.service = KmsService(self.keys, self.healthz, self.log, self.metrics,
                                   admission=HsmAdmission(self.config.sessions))
         self.serving = grpc_serving(self.service, self.config.sessions, self.config.max_calls)
+        self.sizer = WorkerSizer(self.serving.calls, self.log)
+        self.sizer.start()
         staging = staging_path(self.config.socket)
         _bind(self.serving.server, self.config, staging)
         self.serving.server.start()
@@ -475,6 +614,8 @@ class Plugin:
     def stop(self) -> None:
         log_event(self.log, logging.INFO, "stopping; finishing in-flight calls",
                   grace_seconds=self.config.shutdown_grace)
+        if self.sizer is not None:
+            self.sizer.stop()
         if self.serving is not None and self.service is not None:
             self._finish_calls(self.serving, self.service)
         if self.http is not None:
