@@ -419,6 +419,16 @@ def proc_status(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} line for pid {pid}")
 
 
+class SetClock:
+    """A reading the test sets by hand (a clock, a process's CPU seconds): for rules under test, not the machine."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def thread_count(pid: int) -> int:
     """The number of threads of a process, as the kernel counts them."""
     return proc_status(pid, "Threads")

@@ -9,18 +9,11 @@ import time
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmUnavailable, KeyNotFound, LoginFailed, TokenNotFound
 from p11kms.plugin.health import HEALTHY, PENDING, CachedHealth, describe_failure
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import SetClock
 
 
 def test_status_only_reads_and_never_probes() -> None:
-    health = CachedHealth(lambda: None, interval=10, clock=Clock())
+    health = CachedHealth(lambda: None, interval=10, clock=SetClock(100.0))
     assert health.status() == PENDING
     health.probe_now()
     for _ in range(1000):
@@ -48,7 +41,7 @@ def test_failure_is_reported_with_its_cause_and_recovery_is_seen_at_the_next_pro
         if failing["on"]:
             raise HsmUnavailable("C_Encrypt failed", ckr=ck.CKR_DEVICE_REMOVED)
 
-    health = CachedHealth(probe, interval=5, clock=Clock())
+    health = CachedHealth(probe, interval=5, clock=SetClock(100.0))
     health.probe_now()
     assert health.status() == "hsm unavailable (CKR_DEVICE_REMOVED)"
     failing["on"] = False
@@ -58,7 +51,7 @@ def test_failure_is_reported_with_its_cause_and_recovery_is_seen_at_the_next_pro
 
 
 def test_an_answer_older_than_interval_plus_timeout_is_overdue() -> None:
-    clock = Clock()
+    clock = SetClock(100.0)
     health = CachedHealth(lambda: None, interval=10, timeout=5, clock=clock)
     health.probe_now()
     clock.now += 15

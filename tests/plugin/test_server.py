@@ -24,6 +24,7 @@ from tests.support import (
     FaultControl,
     HsmEnv,
     PluginProcess,
+    SetClock,
     start_fault_plugin,
     start_plugin,
     thread_count,
@@ -188,7 +189,7 @@ def test_sigterm_lets_in_flight_calls_finish_ok_within_the_grace(hsm_env: HsmEnv
     assert "stopped" in plugin.log()
 
 
-def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_finish(
+def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_queued_ones_included_finish(
         hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path, new_key: Keys) -> None:
     label, key_uuid = new_key()
     plugin = start_fault_plugin(hsm_env, faults, tmp_path / "p11kms.cfg", label, Sessions="4",
@@ -198,8 +199,10 @@ def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_finish(
         faults.set("latency_ms 400")
         inits = faults.calls("C_EncryptInit")
         results: list[tuple[str, str]] = []
-        workers = [encrypt_in_background(plugin, results) for _ in range(2)]
-        assert wait_for(lambda: faults.calls("C_EncryptInit") - inits == 2), "the calls never reached the HSM"
+        # Four calls on a pool that starts with two threads: two reach the HSM, two wait for a thread.
+        workers = [encrypt_in_background(plugin, results) for _ in range(4)]
+        assert wait_for(lambda: faults.calls("C_EncryptInit") - inits >= 2), "the calls never reached the HSM"
+        time.sleep(0.2)  # the other two are accepted and queued by now
         plugin.signal(signal.SIGTERM)
         assert wait_for(lambda: "stopping; finishing in-flight calls" in plugin.log())
         late = rpc_error(lambda: plugin.client(timeout=5).encrypt(b"late" * 8))
@@ -210,8 +213,8 @@ def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_finish(
         plugin.stop()
     assert late.code() == grpc.StatusCode.UNAVAILABLE
     assert "stopping (SIGTERM)" in (late.details() or "")
-    assert results == [("OK", key_uuid)] * 2
-    assert faults.calls("C_EncryptInit") - inits == 2  # the refused call never reached the HSM
+    assert results == [("OK", key_uuid)] * 4  # queued calls accepted before the stop are served too
+    assert faults.calls("C_EncryptInit") - inits == 4  # the refused call never reached the HSM
 
 
 def test_a_stop_waits_for_the_calls_accepted_before_it_queued_ones_included_and_no_later_ones() -> None:
@@ -247,51 +250,41 @@ def test_the_handler_pool_starts_small_queues_beyond_it_and_grows_when_allowed()
         assert wait_for(lambda: sum(e.is_set() for e in started) == 2, 5)
         time.sleep(0.1)
         assert sum(e.is_set() for e in started) == 2 and pool.threads == 2  # three calls wait for a thread
-        assert pool.backlog_seen() and not pool.backlog_seen()  # reported once per look
+        assert pool.backlog_seen() and pool.backlog_seen()  # for as long as they wait
         assert pool.allow_more_workers() == 4 and pool.threads == 4
         assert wait_for(lambda: sum(e.is_set() for e in started) == 4, 5)
         assert pool.allow_more_workers() == 8 and pool.allow_more_workers() == 8  # never past the ceiling
         assert wait_for(lambda: all(e.is_set() for e in started), 5)
+        assert not pool.backlog_seen()  # every call has a thread
     finally:
         release.set()
         pool.shutdown()
 
 
-class CpuReadings:
-    """Process CPU seconds as WorkerSizer reads them, set by the test: the rule is under test, not the machine."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def __call__(self) -> float:
-        return self.seconds
+def allowance_after_two_looks(running: int, cpu_seconds_per_look: float) -> tuple[int, int]:
+    """A fresh pool of two threads with ``running`` blocked calls; the allowance after one and after two looks."""
+    pool = CallExecutor(16, "test", start_workers=2)
+    cpu = SetClock()  # the process's CPU seconds as the sizer reads them: its rule is under test, not the machine
+    sizer = WorkerSizer(pool, logging.getLogger("test"), process_cpu=cpu)
+    release = threading.Event()
+    try:
+        blocked_calls(pool, running, release)
+        allowances = []
+        for _ in range(2):
+            time.sleep(0.05)
+            cpu.now += cpu_seconds_per_look  # 1.0 in 0.05 s or a little more: over a whole core busy
+            sizer.look()
+            allowances.append(pool.workers_allowed)
+        return allowances[0], allowances[1]
+    finally:
+        release.set()
+        pool.shutdown()
 
 
 def test_the_sizer_grows_only_while_calls_keep_queueing_and_cpu_is_spare() -> None:
-    pool = CallExecutor(16, "test", start_workers=2)
-    cpu = CpuReadings()
-    sizer = WorkerSizer(pool, logging.getLogger("test"), process_cpu=cpu)
-    release = threading.Event()
-
-    def look(cpu_seconds: float, backlog: bool) -> int:
-        if backlog:  # more calls than threads: at least one queues
-            blocked_calls(pool, pool.workers_allowed + 1, release)
-        time.sleep(0.05)
-        cpu.seconds += cpu_seconds
-        sizer.look()
-        return pool.workers_allowed
-
-    try:
-        assert look(0.0, backlog=True) == 2  # one look is a burst, not a trend
-        assert look(0.0, backlog=True) == 4
-        assert look(0.05, backlog=True) == 4  # a whole core busy: queued calls wait for the GIL
-        assert look(0.05, backlog=True) == 4
-        assert look(0.0, backlog=False) == 4  # nothing queued
-        assert look(0.0, backlog=True) == 4
-        assert look(0.0, backlog=True) == 8
-    finally:
-        release.set()
-        pool.shutdown()
+    assert allowance_after_two_looks(running=3, cpu_seconds_per_look=0.0) == (2, 4)  # one look is no trend
+    assert allowance_after_two_looks(running=3, cpu_seconds_per_look=1.0) == (2, 2)  # calls wait for the GIL
+    assert allowance_after_two_looks(running=2, cpu_seconds_per_look=0.0) == (2, 2)  # nothing waits
 
 
 def test_a_slow_hsm_gets_more_handler_threads(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path,

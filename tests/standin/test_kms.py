@@ -12,17 +12,10 @@ from p11kms.kube import envelope
 from p11kms.kube.client import KmsClient
 from p11kms.standin.kms import WRITE_STATE_TTL, KmsEnvelope, KmsUnavailable
 from tests.misbehaving import Behaviour, serve_misbehaving
-from tests.support import PluginProcess
+from tests.support import PluginProcess, SetClock
 
 KEY = b"/registry/secrets/default/s"
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_encrypt_is_called_only_when_the_key_id_changes(tmp_path: Path) -> None:
@@ -51,7 +44,7 @@ def test_mismatched_encrypt_key_id_is_thrown_away_and_the_old_state_coasts(tmp_p
 
 
 def test_writes_expire_three_minutes_after_the_last_good_probe(tmp_path: Path) -> None:
-    behaviour, clock = Behaviour(), Clock()
+    behaviour, clock = Behaviour(), SetClock(1000.0)
     with serve_misbehaving(tmp_path / "k.sock", behaviour), KmsClient(tmp_path / "k.sock") as client:
         kms = KmsEnvelope(client, "p11kms", clock=clock)
         with pytest.raises(KmsUnavailable, match="nil transformer"):

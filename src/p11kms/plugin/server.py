@@ -230,6 +230,15 @@ _STOP_ALLOWANCE = 10.0  # seconds beyond Shutdown_Grace a stopping predecessor m
 
 
 _Call = tuple["futures.Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any], bool]
+# What the handler pools know about the call the current thread runs (a thread-local, not a
+# ContextVar: grpcio runs each handler inside a copied context).
+_running = threading.local()
+
+
+def handed_over_after_stop() -> bool:
+    """Whether the call this thread runs reached the handler pool after the stop began waiting for calls."""
+    return bool(getattr(_running, "handed_over_after_stop", False))
+
 
 
 class CallExecutor(futures.ThreadPoolExecutor):
@@ -275,14 +284,15 @@ class CallExecutor(futures.ThreadPoolExecutor):
         """Doubles the threads the pool may run, up to its ceiling, and starts them; returns the allowance."""
         with self._lock:
             self._allowed = min(self.ceiling, 2 * self._allowed)
-            while len(self._workers) < self._allowed and not self._closed:
-                self._start_thread()
+            while len(self._workers) < self._allowed and not self._closed and self._start_thread():
+                pass
             return self._allowed
 
     def backlog_seen(self) -> bool:
-        """Whether a call had to queue for a thread since the last look."""
+        """Whether a call had to queue for a thread since the last look, or one is queued now."""
         with self._lock:
-            seen, self._backlog = self._backlog, False
+            seen = self._backlog or self._queued > self._idle_threads
+            self._backlog = False
             return seen
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> futures.Future[_T]:
@@ -293,20 +303,27 @@ class CallExecutor(futures.ThreadPoolExecutor):
             counted = not self._waiting
             self._unfinished += counted
             self._queued += 1
-            if self._queued > self._idle_threads:  # no thread is free for this call
-                if len(self._workers) < self._allowed:
-                    self._start_thread()
-                else:
-                    self._backlog = True
+            no_free_thread = self._queued > self._idle_threads
+            if no_free_thread and (len(self._workers) >= self._allowed or not self._start_thread()):
+                self._backlog = True
+            if not self._workers:  # no thread could be started at all: nobody would ever take the call
+                self._queued -= 1
+                self._unfinished -= counted
+                raise RuntimeError("the handler pool could not start a thread")
         self._calls.put((future, fn, args, kwargs, counted))
         return future
 
-    def _start_thread(self) -> None:
+    def _start_thread(self) -> bool:
+        """Starts one more thread; False when the system refuses one (the call then waits for a running one)."""
         # Daemon: a thread stuck in a hung HSM call must not keep the process from exiting.
         thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._workers)}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't start new thread": a process or memory limit
+            return False
         self._workers.append(thread)
         self._idle_threads += 1  # free from now on: it takes the next queued call
-        thread.start()
+        return True
 
     def _work(self) -> None:
         while True:
@@ -317,6 +334,7 @@ class CallExecutor(futures.ThreadPoolExecutor):
             if call is None:
                 return
             future, fn, args, kwargs, counted = call
+            _running.handed_over_after_stop = not counted
             try:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -422,14 +440,14 @@ class WorkerSizer:
     Calls that queue while the process is far from one core busy are waiting for threads that
     themselves wait on the HSM: more threads put more operations in flight. Calls that queue while
     the process is busy wait for the GIL, which more threads would only share more ways. Both
-    must hold for two looks in a row (half a second), so that a burst at the edge of a quiet period
+    must hold for two looks in a row (0.2 s), so that a burst at the edge of a quiet period
     does not count. The allowance doubles each time and never shrinks before a restart.
     If other processes starve p11kms of CPU it may grow when it should not: the cost is what every
     version before this one paid (two threads per session).
     """
 
     SPARE_CPU = 0.8  # cores: below this, the GIL is not what the queued calls wait for
-    LOOK_SECONDS = 0.25
+    LOOK_SECONDS = 0.1
 
     def __init__(self, pool: CallExecutor, logger: logging.Logger,
                  process_cpu: Callable[[], float] = time.process_time) -> None:
@@ -631,9 +649,9 @@ class Plugin:
         lets gRPC close the connections (see CallExecutor); calls still running after the grace are
         cancelled."""
         give_up_at = time.monotonic() + self.config.shutdown_grace
-        service.refuse_new_calls()
+        service.refuse_new_calls(handed_over_after_stop)
         if serving.finish_accepted_calls(self.config.shutdown_grace):
-            time.sleep(ANSWER_DELIVERY_SECONDS)
+            time.sleep(min(ANSWER_DELIVERY_SECONDS, max(0.0, give_up_at - time.monotonic())))
         serving.server.stop(max(0.0, give_up_at - time.monotonic())).wait()
 
 

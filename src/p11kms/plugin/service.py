@@ -193,11 +193,12 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
         self._health = health
         self._log = logger
         self._observer = observer or NullServiceObserver()
-        self._stopping = False
+        self._is_new_call: Callable[[], bool] | None = None
 
-    def refuse_new_calls(self) -> None:
-        """From now on every call is refused with UNAVAILABLE; calls already running finish."""
-        self._stopping = True
+    def refuse_new_calls(self, is_new_call: Callable[[], bool]) -> None:
+        """From now on a call for which ``is_new_call()`` is true is refused with UNAVAILABLE; calls
+        accepted before (running or still queued for a thread) are served."""
+        self._is_new_call = is_new_call
 
     def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.StatusResponse:
         return self._answer(context, "Status", "-", lambda: api_pb2.StatusResponse(
@@ -233,7 +234,7 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
                 probe: bool = False) -> _Reply:
         started = time.perf_counter()
         try:
-            if self._stopping:
+            if self._is_new_call is not None and self._is_new_call():
                 raise PluginStopping("p11kms is stopping (SIGTERM) and takes no new calls; retry once it has "
                                      "restarted")
             reply = work()
