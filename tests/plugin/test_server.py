@@ -318,6 +318,21 @@ def test_a_slow_hsm_gets_more_handler_threads(hsm_env: HsmEnv, faults: FaultCont
     assert results and set(results) == {("OK", key_uuid)}
 
 
+def test_the_serving_process_does_not_load_the_operator_tools_libraries(hsm_env: HsmEnv, tmp_path: Path,
+                                                                       new_key: Keys) -> None:
+    """`p11kms serve` starts through the same CLI as the operator tools; what only they use (the
+    cryptography package for etcd scans, ~7 MiB resident) must not be loaded into the plugin."""
+    label, _ = new_key()
+    plugin = start_plugin(hsm_env, hsm_env.write_config(tmp_path / "p11kms.cfg", label))
+    try:
+        plugin.client().encrypt(b"m" * 32)
+        mapped = Path(f"/proc/{plugin.proc.pid}/maps").read_text()
+    finally:
+        plugin.stop()
+    assert "libsofthsm2" in mapped  # the check sees the plugin's own libraries
+    assert "cryptography" not in mapped
+
+
 def any_exited(plugins: list[PluginProcess]) -> bool:
     return any(plugin.proc.poll() is not None for plugin in plugins)
 

@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from p11kms.config import (
     SOCKET_DIRECTORY_MODE,
     ConfigError,
@@ -189,6 +187,8 @@ def _no_uuid_check(name: str, label: str, can_encrypt: bool | None, exc: HsmErro
 
 def encryption_config_checks(path: Path, socket: Path) -> list[Check]:
     """Checks kube-apiserver's EncryptionConfiguration against the plugin's socket (spec 4.1)."""
+    import yaml  # here, not at the top: `p11kms serve` starts through the same CLI and never needs it
+
     try:
         document: Any = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
