@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _env import NoopServicer
-from throughput import run_phase, start_server
+from throughput import run_phase, serve_noop, start_server
 
 SETUPS = ("p11kms", "sync-2", "sync-16", "sync-64", "aio", "aio-pool")
 CALLERS = (1, 16)
@@ -61,12 +61,7 @@ def serve(setup: str, socket: str) -> None:
     from p11kms.kmsv2 import api_pb2_grpc
 
     if setup == "p11kms":
-        from p11kms.plugin.server import grpc_serving
-
-        serving = grpc_serving(NoopServicer(), 8, 1024)
-        serving.server.add_insecure_port(f"unix:{socket}")
-        serving.server.start()
-        serving.server.wait_for_termination()
+        serve_noop(socket, sessions=8, max_calls=1024)  # the floor bench/throughput.py measures beside p11kms
         return
     if setup.startswith("sync-"):
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(setup.split("-")[1])),

@@ -33,7 +33,7 @@ from typing import Any
 
 from _env import TOKEN, USER_PIN, NoopServicer, healthz, make_token, percentile, write_config
 
-from tests.support import proc_status
+from tests.support import proc_status, start_and_join
 
 CALLERS = (1, 16, 64)
 SEED = bytes(range(32))
@@ -82,11 +82,7 @@ def _drive(socket: str, method: str, threads: int, calls: int, results: Any) -> 
             with lock:
                 latencies.extend(mine)
 
-        workers = [threading.Thread(target=caller) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        start_and_join([threading.Thread(target=caller) for _ in range(threads)])
         results.put((latencies, errors, time.process_time() - cpu_before, began, time.time()))
 
 

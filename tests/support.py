@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -417,6 +418,14 @@ def proc_status(pid: int, field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise AssertionError(f"no {field} line for pid {pid}")
+
+
+def start_and_join(threads: list[threading.Thread], timeout: float | None = None) -> None:
+    """Starts every thread, then waits for each (at most ``timeout`` s apiece): the callers run at once."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
 
 
 class SetClock:

@@ -24,6 +24,7 @@ from tests.support import (
     HsmEnv,
     RecordingObserver,
     private_module_copy,
+    start_and_join,
     unique_label,
 )
 
@@ -56,11 +57,7 @@ def test_a_module_that_cannot_lock_gets_every_call_serialised(private_fault_modu
                 seed = os.urandom(32)
                 results.append(keyring.decrypt(keyring.encrypt(seed), keyring.key_id) == seed)
 
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        start_and_join([threading.Thread(target=work) for _ in range(8)])
         assert results.count(True) == 1600
         token.close()
     finally:
@@ -144,11 +141,7 @@ def test_many_threads_share_the_token_without_corruption(token: Token, new_key: 
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    start_and_join([threading.Thread(target=work) for _ in range(16)])
     assert errors == [] and wrong == 0
     assert token.in_flight == 0
     assert token.in_flight_peak > 1  # operations really were in the module at the same time
@@ -245,11 +238,7 @@ def _hammer(keyring: Keyring, threads: int = 8, rounds: int = 40) -> list[BaseEx
             except BaseException as exc:  # collected for the assertion
                 errors.append(exc)
 
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    start_and_join([threading.Thread(target=work) for _ in range(threads)])
     return errors
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from p11kms.hsm.token import Token
 from p11kms.plugin.keyring import build_keyring
-from tests.support import FaultControl, HsmEnv, PluginProcess, remote_hsm, start_plugin, wait_until
+from tests.support import FaultControl, HsmEnv, PluginProcess, remote_hsm, start_and_join, start_plugin, wait_until
 
 Keys = Callable[[], tuple[str, str]]
 StartFaulty = Callable[..., PluginProcess]
@@ -149,10 +149,7 @@ def test_operations_overlap_inside_the_hsm(start_faulty: StartFaulty, faults: Fa
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
     started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    start_and_join(threads)
     total = time.monotonic() - started
     faults.set()
     assert len(elapsed) == 8
@@ -285,11 +282,7 @@ def test_a_refused_relogin_is_tried_once_whatever_the_number_of_threads(
         with contextlib.suppress(grpc.RpcError):
             clients[client_index].encrypt(b"l" * 32)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
+    start_and_join([threading.Thread(target=call, args=(i,)) for i in range(16)], 20)
     time.sleep(4)  # two PIN polls and several back-off rounds
     assert faults.calls("C_Login") - logins_before == 1
     assert clients[0].status().healthz == "hsm login refused (CKR_PIN_INCORRECT): check the PIN source"

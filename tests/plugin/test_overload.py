@@ -18,7 +18,7 @@ import pytest
 
 from p11kms.kube.client import KmsClient
 from p11kms.plugin.keyring import MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES
-from tests.support import FaultControl, HsmEnv, PluginProcess, start_fault_plugin
+from tests.support import FaultControl, HsmEnv, PluginProcess, start_and_join, start_fault_plugin
 
 Keys = Callable[[], tuple[str, str]]
 
@@ -89,30 +89,27 @@ def together(calls: list[tuple[str, Callable[[], object]]]) -> list[Outcome]:
         gate.wait()
         outcomes.append(timed(method, call))
 
-    threads = [threading.Thread(target=run, args=call) for call in calls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    start_and_join([threading.Thread(target=run, args=call) for call in calls], 60)
     return outcomes
 
 
-def warm_up(plugin: PluginProcess, sessions: int) -> bytes:
-    """Opens every session and lets the plugin see how long an operation takes; returns a ciphertext."""
+def slow_warm_plugin(slow_plugin: Callable[..., PluginProcess], faults: FaultControl, sessions: int,
+                     **attributes: str) -> tuple[PluginProcess, bytes, str]:
+    """A plugin with ``sessions`` sessions on an HSM slowed to LATENCY_MS, every session opened and the
+    operation time learned; returns it, a ciphertext and the ciphertext's key_id."""
+    plugin = slow_plugin(Sessions=str(sessions), **attributes)
+    faults.set(f"latency_ms {LATENCY_MS}")
     client = plugin.client(timeout=30)
     wrapped = client.encrypt(b"w" * 32)
     for _ in range(2):
         together([("Encrypt", lambda: client.encrypt(b"w" * 32))] * sessions)
         together([("Decrypt", lambda: client.decrypt(wrapped.ciphertext, wrapped.key_id))] * sessions)
-    return bytes(wrapped.ciphertext)
+    return plugin, bytes(wrapped.ciphertext), wrapped.key_id
 
 
 def test_calls_whose_deadline_cannot_be_met_never_reach_the_hsm(slow_plugin: Callable[..., PluginProcess],
                                                                 faults: FaultControl) -> None:
-    plugin = slow_plugin(Sessions="4")
-    faults.set(f"latency_ms {LATENCY_MS}")
-    ciphertext = warm_up(plugin, sessions=4)
-    key_id = plugin.client().status().key_id
+    plugin, ciphertext, key_id = slow_warm_plugin(slow_plugin, faults, sessions=4)
     hopeless, feasible = KmsClient(plugin.socket, 0.3), KmsClient(plugin.socket, 3.0)
     encrypts_before, decrypts_before = hsm_operations(faults)
     try:
@@ -141,10 +138,7 @@ def test_calls_whose_deadline_cannot_be_met_never_reach_the_hsm(slow_plugin: Cal
 
 def test_many_callers_on_a_slow_hsm_fail_fast_and_waste_no_hsm_work(slow_plugin: Callable[..., PluginProcess],
                                                                     faults: FaultControl) -> None:
-    plugin = slow_plugin(Sessions="2")
-    faults.set(f"latency_ms {LATENCY_MS}")
-    ciphertext = warm_up(plugin, sessions=2)
-    key_id = plugin.client().status().key_id
+    plugin, ciphertext, key_id = slow_warm_plugin(slow_plugin, faults, sessions=2)
     short = KmsClient(plugin.socket, 0.3)
     encrypts_before, decrypts_before = hsm_operations(faults)
     try:
@@ -168,9 +162,7 @@ def test_many_callers_on_a_slow_hsm_fail_fast_and_waste_no_hsm_work(slow_plugin:
 
 def test_calls_beyond_the_concurrency_bound_are_resource_exhausted(slow_plugin: Callable[..., PluginProcess],
                                                                   faults: FaultControl) -> None:
-    plugin = slow_plugin(Sessions="1", Max_Calls="4")  # room for 4 calls: 1 in the HSM, 3 waiting
-    faults.set(f"latency_ms {LATENCY_MS}")
-    warm_up(plugin, sessions=1)
+    plugin, _, _ = slow_warm_plugin(slow_plugin, faults, sessions=1, Max_Calls="4")  # 4 calls: 1 in the HSM, 3 waiting
     patient = KmsClient(plugin.socket, 30.0)
     encrypts_before, _ = hsm_operations(faults)
     held: list[Outcome] = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p11kms.kube.client import KmsClient
-from tests.support import PluginProcess
+from tests.support import PluginProcess, start_and_join
 
 CALLER_PROCESSES = 4
 CALLERS_PER_PROCESS = 16
@@ -50,11 +50,7 @@ def _caller_process(socket: str, key_id: str, results: Any) -> None:
                     else:
                         tally.wrong += 2
 
-    threads = [threading.Thread(target=caller) for _ in range(CALLERS_PER_PROCESS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    start_and_join([threading.Thread(target=caller) for _ in range(CALLERS_PER_PROCESS)])
     results.put(tally)
 
 

@@ -42,6 +42,7 @@ FIRST_HEALTH_ANSWER_SECONDS = 5.0  # how long start waits for the first probe, s
 # After the last call was answered at a stop, how long the connections stay open so that callers
 # read their answers before gRPC closes the connections (see CallExecutor).
 ANSWER_DELIVERY_SECONDS = 0.1
+START_WORKERS = 2  # handler threads at start; WorkerSizer adds more for a slow HSM
 _T = TypeVar("_T")
 
 class SocketInUse(Exception):
@@ -240,7 +241,6 @@ def handed_over_after_stop() -> bool:
     return bool(getattr(_running, "handed_over_after_stop", False))
 
 
-
 class CallExecutor(futures.ThreadPoolExecutor):
     """The thread pool gRPC runs handlers on: it starts small, can grow, and a stop can wait for its calls.
 
@@ -429,9 +429,6 @@ def grpc_serving(servicer: api_pb2_grpc.KeyManagementServiceServicer, sessions: 
     api_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
         _StatusOnItsOwnThread(servicer, status), server)
     return GrpcServing(server, calls, status)
-
-
-START_WORKERS = 2
 
 
 class WorkerSizer:
@@ -642,7 +639,6 @@ class Plugin:
         self.health.stop()
         self.keys.stop()
         log_event(self.log, logging.INFO, "stopped")
-
 
     def _finish_calls(self, serving: GrpcServing, service: KmsService) -> None:
         """Answers every call already accepted within Shutdown_Grace, refusing new ones, and only then
