@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import pytest
@@ -258,6 +259,43 @@ def test_the_handler_pool_starts_small_queues_beyond_it_and_grows_when_allowed()
         assert not pool.backlog_seen()  # every call has a thread
     finally:
         release.set()
+        pool.shutdown()
+
+
+def refused_thread_start() -> mock._patch[mock.MagicMock]:
+    """A fake, for a failure a real part cannot produce here: the system refusing one more thread
+    (RLIMIT_NPROC, memory). The tests run as root, whom RLIMIT_NPROC does not bind, so Thread.start
+    raises as CPython's does then."""
+    return mock.patch.object(threading.Thread, "start", side_effect=RuntimeError("can't start new thread"))
+
+
+def test_a_refused_thread_start_keeps_the_pools_counts_and_its_calls_are_served_by_the_running_threads() -> None:
+    pool = CallExecutor(8, "test", start_workers=2)
+    release = threading.Event()
+    try:
+        started = blocked_calls(pool, 2, release)
+        assert wait_for(lambda: all(e.is_set() for e in started), 5)
+        with refused_thread_start():
+            assert pool.allow_more_workers() == 4 and pool.threads == 2
+            queued = pool.submit(lambda: "done")  # no thread is free and none can be started: it queues
+        assert pool.backlog_seen()  # the sizer still sees the wait
+        release.set()
+        assert queued.result(5) == "done"
+        assert pool.finish_accepted_calls(5)  # every call counted in was counted out
+        assert pool.submit(lambda: "later").result(5) == "later"
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_pool_that_cannot_start_any_thread_refuses_the_call_instead_of_queueing_it_for_nobody() -> None:
+    pool = CallExecutor(8, "test", start_workers=2)
+    try:
+        with refused_thread_start(), pytest.raises(RuntimeError, match="could not start a thread"):
+            pool.submit(lambda: "never")
+        assert pool.finish_accepted_calls(0.5)  # the refused call is not waited for
+        assert pool.submit(lambda: "done").result(5) == "done"  # threads start again once the system allows
+    finally:
         pool.shutdown()
 
 
