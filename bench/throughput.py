@@ -5,7 +5,9 @@ exactly the plugin's gRPC server factory (same server class, executor and option
 with the same client: one HTTP/2 connection per client process, a 3 s deadline and a UUID uid per
 call, at 1, 16 and 64 callers, Encrypt then Decrypt (every Decrypt's plaintext is checked). For each
 phase it reports calls/s, p50/p99/max latency and server CPU per call (from /proc/PID/stat), each with
-its ratio to the floor; then peak RSS, time from process start to the first good Status, Status p99
+its ratio to the floor. A third server, the same set-up answering straight from a keyring on the token,
+splits each call's server CPU into the gRPC floor, the HSM operation as it costs inside a busy serving
+process, and p11kms's own layers. Then peak RSS, time from process start to the first good Status, Status p99
 while Decrypt runs at 16 callers, and the raw in-process HSM operation cost (no gRPC).
 
     python bench/throughput.py [--calls 10000] [--hsm-latency-ms N] [--client-processes P] [--json FILE]
@@ -41,14 +43,50 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the floor: a servicer that does no work ----------------------------------------------------
-def serve_noop(socket: str, sessions: int, max_calls: int) -> None:
-    """Serves KMS v2 with no HSM and no checks, on the plugin's own gRPC server factory."""
-    from p11kms.plugin.server import grpc_serving
+def serve_on_plugin_set_up(servicer: Any, socket: str, sessions: int, max_calls: int) -> None:
+    """Serves ``servicer`` the way `p11kms serve` does: its gRPC server factory and its handler-pool sizer."""
+    import logging
 
-    server = grpc_serving(NoopServicer(), sessions, max_calls).server
-    server.add_insecure_port(f"unix:{socket}")
-    server.start()
-    server.wait_for_termination()
+    from p11kms.plugin.server import WorkerSizer, grpc_serving
+
+    logging.basicConfig(level=logging.INFO)  # the sizer's "more handler threads" lines go to the server's log
+    serving = grpc_serving(servicer, sessions, max_calls)
+    WorkerSizer(serving.calls, logging.getLogger("bench")).start()
+    serving.server.add_insecure_port(f"unix:{socket}")
+    serving.server.start()
+    serving.server.wait_for_termination()
+
+
+def serve_noop(socket: str, sessions: int, max_calls: int) -> None:
+    """Serves KMS v2 with no HSM and no checks, on the plugin's own gRPC server set-up."""
+    serve_on_plugin_set_up(NoopServicer(), socket, sessions, max_calls)
+
+
+def serve_keyring(socket: str, module_path: str, sessions: int, max_calls: int) -> None:
+    """The floor plus the HSM: each call goes straight to a keyring on the bench token, on the plugin's own
+    gRPC server factory, with none of the plugin's layers (admission, supervisor, metrics, logging, checks).
+    What p11kms costs above this server is what its own layers cost; what this server costs above the
+    no-op one is the HSM operation as it costs inside a busy serving process."""
+    from p11kms.hsm.module import load_module
+    from p11kms.hsm.token import open_token
+    from p11kms.kmsv2 import api_pb2, api_pb2_grpc
+    from p11kms.plugin.keyring import build_keyring
+
+    module = load_module(module_path)
+    token = open_token(module, module.find_token(label=TOKEN, serial=None, slot=None), USER_PIN.encode(), sessions)
+    keyring = build_keyring(token, "bench-kek-1", [])
+
+    class KeyringServicer(api_pb2_grpc.KeyManagementServiceServicer):
+        def Status(self, request: Any, context: Any) -> Any:  # noqa: N802 - named by the .proto
+            return api_pb2.StatusResponse(version="v2", healthz="ok", key_id=keyring.key_id)
+
+        def Encrypt(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return api_pb2.EncryptResponse(ciphertext=keyring.encrypt(request.plaintext), key_id=keyring.key_id)
+
+        def Decrypt(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return api_pb2.DecryptResponse(plaintext=keyring.decrypt(request.ciphertext, request.key_id))
+
+    serve_on_plugin_set_up(KeyringServicer(), socket, sessions, max_calls)
 
 
 # -- the client -------------------------------------------------------------------------------------
@@ -202,9 +240,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8, help="plugin Sessions (the floor uses the same)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--serve-noop", metavar="SOCKET", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-keyring", nargs=2, metavar=("SOCKET", "MODULE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
         serve_noop(args.serve_noop, args.sessions, 1024)
+        return
+    if args.serve_keyring:
+        keyring_socket, module_path = args.serve_keyring
+        serve_keyring(keyring_socket, module_path, args.sessions, 1024)
         return
     report = measure(args.calls, args.hsm_latency_ms, args.client_processes, args.sessions)
     print_report(report)
@@ -230,20 +273,24 @@ def measure(calls: int, latency_ms: int, processes: int, sessions: int) -> dict[
                                         directory / "kms.sock", directory / "plugin.log")
     noop, noop_ready = start_server([sys.executable, __file__, "--serve-noop", str(noop_socket),
                                      "--sessions", str(sessions)], env, noop_socket, directory / "noop.log")
+    keyring_socket = directory / "keyring.sock"
+    keyring, _ = start_server([sys.executable, __file__, "--serve-keyring", str(keyring_socket), module,
+                               "--sessions", str(sessions)], env, keyring_socket, directory / "keyring.log")
     if latency_ms:
         faults.set(f"latency_ms {latency_ms}")
+    servers = (("noop", noop, noop_socket), ("keyring", keyring, keyring_socket),
+               ("p11kms", plugin, directory / "kms.sock"))
     try:
         phases = [asdict(run_phase(name, server.pid, socket, method, callers, calls, processes))
-                  for callers in CALLERS for method in ("Encrypt", "Decrypt")
-                  for name, server, socket in (("noop", noop, noop_socket), ("p11kms", plugin, directory / "kms.sock"))]
+                  for callers in CALLERS for method in ("Encrypt", "Decrypt") for name, server, socket in servers]
         status_p99 = {"p11kms": status_p99_during_decrypts(plugin.pid, directory / "kms.sock", calls, processes),
                       "noop": status_p99_during_decrypts(noop.pid, noop_socket, calls, processes)}
         rss = {"p11kms": proc_status(plugin.pid, "VmHWM"), "noop": proc_status(noop.pid, "VmHWM")}
     finally:
-        for server in (plugin, noop):
+        for server in (plugin, noop, keyring):
             server.terminate()
             server.wait(30)
-    return {
+    report = {
         "calls_per_phase": calls, "hsm_latency_ms": latency_ms, "client_processes": processes,
         "sessions": sessions, "cpu_count": os.cpu_count(), "phases": phases,
         "ready_seconds": {"p11kms": round(plugin_ready, 3), "noop": round(noop_ready, 3)},
@@ -251,12 +298,25 @@ def measure(calls: int, latency_ms: int, processes: int, sessions: int) -> dict[
         "hsm_operation_cpu": hsm_operation_cost(env, softhsm),
         "bench_process_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
+    report["cost_split"] = cost_split(report)
+    return report
 
 
 def _cell(phase: dict[str, Any], base: dict[str, Any], name: str, width: int) -> str:
     """A figure with its ratio to the floor's."""
     ratio = phase[name] / base[name] if base[name] else float("nan")
     return f"{phase[name]} ({ratio:.2f}x)".rjust(width)
+
+
+def cost_split(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Server CPU per call split three ways, per method and callers: the gRPC floor (no-op servicer), the
+    HSM operation inside a serving process (keyring-only server minus the floor), and p11kms's own
+    layers (p11kms minus the keyring-only server)."""
+    cpu = {(p["server"], p["method"], p["callers"]): p["server_cpu_us_per_call"] for p in report["phases"]}
+    return [{"method": method, "callers": callers, "grpc_floor_us": cpu[("noop", method, callers)],
+             "hsm_in_server_us": round(cpu[("keyring", method, callers)] - cpu[("noop", method, callers)], 1),
+             "p11kms_layers_us": round(cpu[("p11kms", method, callers)] - cpu[("keyring", method, callers)], 1)}
+            for server, method, callers in cpu if server == "p11kms"]
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -269,13 +329,20 @@ def print_report(report: dict[str, Any]) -> None:
               f"{_cell(phase, base, 'p50_ms', 14)} {_cell(phase, base, 'p99_ms', 14)} {phase['max_ms']:>9} "
               f"{_cell(phase, base, 'server_cpu_us_per_call', 22)} "
               f"{phase['client_cpu_us_per_call']:>13} {phase['errors']:>6}")
-    print("floor (no-op servicer, same gRPC server set-up):")
-    for base in floor.values():
-        print(f"  {base['method']:<8} {base['callers']:>3} callers: {base['calls_per_second']} calls/s, "
-              f"p99 {base['p99_ms']} ms, server CPU {base['server_cpu_us_per_call']} µs/call")
+    for server, title in (("noop", "floor (no-op servicer, same gRPC server set-up)"),
+                          ("keyring", "floor + HSM (keyring called straight from the handler, same set-up)")):
+        print(f"{title}:")
+        for base in (p for p in report["phases"] if p["server"] == server):
+            print(f"  {base['method']:<8} {base['callers']:>3} callers: {base['calls_per_second']} calls/s, "
+                  f"p99 {base['p99_ms']} ms, server CPU {base['server_cpu_us_per_call']} µs/call, "
+                  f"errors {base['errors']}")
+    print("server CPU per call, split (µs): gRPC floor + HSM operation in a serving process + p11kms's own layers")
+    for part in report["cost_split"]:
+        print(f"  {part['method']:<8} {part['callers']:>3} callers: {part['grpc_floor_us']} + "
+              f"{part['hsm_in_server_us']} + {part['p11kms_layers_us']}")
     print(f"ready after start: {report['ready_seconds']}; peak RSS KiB: {report['peak_rss_kib']}; "
           f"Status p99 during 16-caller Decrypts (ms): {report['status_p99_ms_during_16_caller_decrypts']}; "
-          f"in-process HSM CPU per operation: {report['hsm_operation_cpu']}")
+          f"in-process HSM CPU per operation (one thread, no gRPC): {report['hsm_operation_cpu']}")
 
 
 if __name__ == "__main__":
