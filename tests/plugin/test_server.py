@@ -325,6 +325,73 @@ def test_the_sizer_grows_only_while_calls_keep_queueing_and_cpu_is_spare() -> No
     assert allowance_after_two_looks(running=2, cpu_seconds_per_look=0.0) == (2, 2)  # nothing waits
 
 
+def grown_pool(threads: int) -> CallExecutor:
+    """A pool that started with two threads, grew to ``threads`` for as many calls at once, and is idle again."""
+    pool = CallExecutor(16, "test", start_workers=2)
+    release = threading.Event()
+    started = blocked_calls(pool, threads, release)
+    while pool.workers_allowed < threads:
+        pool.allow_more_workers()
+    assert wait_for(lambda: all(e.is_set() for e in started), 5)
+    release.set()
+    assert wait_for(lambda: pool.most_calls_since_last_look() == 0, 5)
+    return pool
+
+
+def quiet_sizer(pool: CallExecutor, clock: SetClock) -> WorkerSizer:
+    """A sizer on ``clock``; the process's CPU reads as idle, so only the shrinking rule and backlog are at work."""
+    return WorkerSizer(pool, logging.getLogger("test"), process_cpu=SetClock(), clock=clock)
+
+
+def test_the_sizer_lets_threads_go_after_30_s_with_at_most_half_of_them_needed_never_below_the_start() -> None:
+    pool, clock = grown_pool(8), SetClock()
+    sizer = quiet_sizer(pool, clock)
+    release = threading.Event()
+    try:
+        window = WorkerSizer.SHRINK_AFTER_SECONDS
+        for seconds, allowed in ((window / 2, 8), (window / 2 + 1, 4), (window / 2, 4), (window / 2 + 1, 2),
+                                 (window + 1, 2), (window + 1, 2)):
+            clock.now += seconds
+            sizer.look()
+            assert pool.workers_allowed == allowed, (clock.now, allowed)
+        assert wait_for(lambda: pool.threads == 2, 5)
+        started = blocked_calls(pool, 4, release)  # a new burst on a slow HSM: calls queue, the CPU is idle
+        assert wait_for(lambda: sum(e.is_set() for e in started) == 2, 5)
+        for _ in range(2):
+            clock.now += 0.1
+            sizer.look()
+        assert pool.workers_allowed == 4 and wait_for(lambda: all(e.is_set() for e in started), 5)
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_the_sizer_keeps_threads_while_more_than_half_are_busy_and_lets_only_idle_ones_go() -> None:
+    pool, clock = grown_pool(8), SetClock()
+    sizer = quiet_sizer(pool, clock)
+    longer, shorter = threading.Event(), threading.Event()
+    try:
+        started = blocked_calls(pool, 3, longer) + blocked_calls(pool, 2, shorter)
+        assert wait_for(lambda: all(event.is_set() for event in started), 5)
+        for _ in range(3):  # five calls in eight threads for three windows: a steady load on a slow HSM
+            clock.now += WorkerSizer.SHRINK_AFTER_SECONDS + 1
+            sizer.look()
+        assert pool.workers_allowed == 8 and pool.threads == 8
+        shorter.set()
+        assert wait_for(lambda: pool.most_calls_since_last_look() == 3, 5)
+        sizer.look()
+        clock.now += WorkerSizer.SHRINK_AFTER_SECONDS + 1
+        sizer.look()  # three calls in eight threads for a whole window
+        assert pool.workers_allowed == 4 and wait_for(lambda: pool.threads == 4, 5)  # three busy + one idle
+        longer.set()
+        assert pool.finish_accepted_calls(5)  # no running call was cut short
+        assert pool.submit(lambda: "served").result(5) == "served"
+    finally:
+        longer.set()
+        shorter.set()
+        pool.shutdown()
+
+
 def test_a_slow_hsm_gets_more_handler_threads(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path,
                                              new_key: Keys) -> None:
     label, key_uuid = new_key()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import queue
@@ -42,7 +43,7 @@ FIRST_HEALTH_ANSWER_SECONDS = 5.0  # how long start waits for the first probe, s
 # After the last call was answered at a stop, how long the connections stay open so that callers
 # read their answers before gRPC closes the connections (see CallExecutor).
 ANSWER_DELIVERY_SECONDS = 0.1
-START_WORKERS = 2  # handler threads at start; WorkerSizer adds more for a slow HSM
+START_WORKERS = 2  # handler threads at start and at least; WorkerSizer adds more for a slow HSM
 _T = TypeVar("_T")
 
 class SocketInUse(Exception):
@@ -242,12 +243,15 @@ def handed_over_after_stop() -> bool:
 
 
 class CallExecutor(futures.ThreadPoolExecutor):
-    """The thread pool gRPC runs handlers on: it starts small, can grow, and a stop can wait for its calls.
+    """The thread pool gRPC runs handlers on: it starts small, can grow and shrink back, and a stop can wait
+    for its calls.
 
-    Growing: see WorkerSizer. ThreadPoolExecutor cannot grow later: it starts a thread only while
-    its count of finished calls, which it takes for idle threads, is zero, and under load that
-    count only rises. So threads, queue and accounting here are this class's own; it subclasses
-    ThreadPoolExecutor only because grpcio takes a per-method pool (Status) only of that class.
+    Growing and shrinking: see WorkerSizer. ThreadPoolExecutor cannot grow later: it starts a thread
+    only while its count of finished calls, which it takes for idle threads, is zero, and under load
+    that count only rises. So threads, queue and accounting here are this class's own; it subclasses
+    ThreadPoolExecutor only because grpcio takes a per-method pool (Status) only of that class. A
+    thread leaves when it takes a ``None`` from the queue: shrinking queues one for each surplus idle
+    thread, a shutdown one for every thread.
 
     Stopping: a stop waits for the calls handed over before it, queued ones included, before it
     lets gRPC close the connections: grpcio closes a connection in the same instant as its last
@@ -262,10 +266,14 @@ class CallExecutor(futures.ThreadPoolExecutor):
         self.ceiling = max_workers
         self._name = thread_name_prefix
         self._allowed = min(start_workers or max_workers, max_workers)
+        self.least = self._allowed  # shrinking stops here
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Condition(threading.Lock())
         self._workers: list[threading.Thread] = []
-        self._idle_threads = 0  # threads not running a call
+        self._numbers = itertools.count()  # thread names stay unique as threads come and go
+        self._idle_threads = 0  # threads not running a call, those about to leave included
+        self._leaving = 0  # threads told to leave (a None is queued for each) that have not taken it yet
+        self._calls_peak = 0  # most calls held at once (running or queued) since the last look
         self._queued = 0  # calls handed over that no thread has taken yet
         self._unfinished = 0
         self._waiting = False
@@ -284,16 +292,45 @@ class CallExecutor(futures.ThreadPoolExecutor):
         """Doubles the threads the pool may run, up to its ceiling, and starts them; returns the allowance."""
         with self._lock:
             self._allowed = min(self.ceiling, 2 * self._allowed)
-            while len(self._workers) < self._allowed and not self._closed and self._start_thread():
+            while self._staying() < self._allowed and not self._closed and self._start_thread():
                 pass
+            return self._allowed
+
+    def allow_fewer_workers(self) -> int:
+        """Halves the allowance, never below where the pool started, and lets surplus idle threads go (a
+        running call is never cut short); returns the allowance."""
+        with self._lock:
+            self._allowed = max(self.least, self._allowed // 2)
+            surplus = min(self._staying() - self._allowed, self._free_threads())
+            for _ in range(max(0, surplus)):
+                self._leaving += 1
+                self._calls.put(None)
             return self._allowed
 
     def backlog_seen(self) -> bool:
         """Whether a call had to queue for a thread since the last look, or one is queued now."""
         with self._lock:
-            seen = self._backlog or self._queued > self._idle_threads
+            seen = self._backlog or self._queued > self._free_threads()
             self._backlog = False
             return seen
+
+    def most_calls_since_last_look(self) -> int:
+        """The most calls the pool held at once since the last look, running or queued (those held now
+        included): the threads the load asked for."""
+        with self._lock:
+            held_now = self._held_calls()
+            most, self._calls_peak = max(self._calls_peak, held_now), held_now
+            return most
+
+    def _held_calls(self) -> int:
+        return len(self._workers) - self._idle_threads + self._queued
+
+    def _staying(self) -> int:
+        return len(self._workers) - self._leaving
+
+    def _free_threads(self) -> int:
+        """Idle threads that will take a call: those told to leave take their None first."""
+        return self._idle_threads - self._leaving
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> futures.Future[_T]:
         future: futures.Future[_T] = futures.Future()
@@ -303,8 +340,9 @@ class CallExecutor(futures.ThreadPoolExecutor):
             counted = not self._waiting
             self._unfinished += counted
             self._queued += 1
-            no_free_thread = self._queued > self._idle_threads
-            if no_free_thread and (len(self._workers) >= self._allowed or not self._start_thread()):
+            self._calls_peak = max(self._calls_peak, self._held_calls())
+            no_free_thread = self._queued > self._free_threads()
+            if no_free_thread and (self._staying() >= self._allowed or not self._start_thread()):
                 self._backlog = True
             if not self._workers:  # no thread could be started at all: nobody would ever take the call
                 self._queued -= 1
@@ -316,7 +354,7 @@ class CallExecutor(futures.ThreadPoolExecutor):
     def _start_thread(self) -> bool:
         """Starts one more thread; False when the system refuses one (the call then waits for a running one)."""
         # Daemon: a thread stuck in a hung HSM call must not keep the process from exiting.
-        thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._workers)}", daemon=True)
+        thread = threading.Thread(target=self._work, name=f"{self._name}_{next(self._numbers)}", daemon=True)
         try:
             thread.start()
         except RuntimeError:  # "can't start new thread": a process or memory limit
@@ -330,9 +368,11 @@ class CallExecutor(futures.ThreadPoolExecutor):
             call = self._calls.get()
             with self._lock:
                 self._idle_threads -= 1
+                if call is None:  # told to leave: the pool shrinks or shuts down
+                    self._leaving -= 1
+                    self._workers.remove(threading.current_thread())
+                    return
                 self._queued -= 1
-            if call is None:
-                return
             future, fn, args, kwargs, counted = call
             _running.handed_over_after_stop = not counted
             try:
@@ -365,7 +405,7 @@ class CallExecutor(futures.ThreadPoolExecutor):
         with self._lock:
             self._closed = True
             threads = list(self._workers)
-            self._queued += len(threads)
+            self._leaving += len(threads)
         for _ in threads:
             self._calls.put(None)
         if wait:
@@ -432,27 +472,39 @@ def grpc_serving(servicer: api_pb2_grpc.KeyManagementServiceServicer, sessions: 
 
 
 class WorkerSizer:
-    """Lets the handler pool grow only while calls keep queueing for a thread and the process has CPU to spare.
+    """Grows the handler pool while calls keep queueing and the process has CPU to spare; shrinks it back
+    when for 30 s the pool never held more calls at once than half its threads.
 
     Calls that queue while the process is far from one core busy are waiting for threads that
     themselves wait on the HSM: more threads put more operations in flight. Calls that queue while
     the process is busy wait for the GIL, which more threads would only share more ways. Both
     must hold for two looks in a row (0.2 s), so that a burst at the edge of a quiet period
-    does not count. The allowance doubles each time and never shrinks before a restart.
-    If other processes starve p11kms of CPU it may grow when it should not: the cost is what every
-    version before this one paid (two threads per session).
+    does not count. The allowance doubles each time.
+
+    Threads the load no longer needs are let go, or a pool grown for one slow spell of the HSM would
+    make every later call dearer until a restart (more threads, more GIL hand-offs). The rule looks
+    only at how many calls the pool held (running or queued), never at CPU: under a steady load on a
+    slow HSM every thread is busy, so nothing shrinks, and a pool shrunk in a quiet spell grows again
+    within a second.
+    If other processes starve p11kms of CPU it may grow when it should not; it shrinks back once
+    the load falls.
     """
 
     SPARE_CPU = 0.8  # cores: below this, the GIL is not what the queued calls wait for
     LOOK_SECONDS = 0.1
+    SHRINK_AFTER_SECONDS = 30.0  # never more calls than half the threads for this long: halve the pool
 
     def __init__(self, pool: CallExecutor, logger: logging.Logger,
-                 process_cpu: Callable[[], float] = time.process_time) -> None:
+                 process_cpu: Callable[[], float] = time.process_time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._pool = pool
         self._log = logger
         self._process_cpu = process_cpu
-        self._looked_at, self._cpu_then = time.monotonic(), process_cpu()
+        self._clock = clock
+        self._looked_at, self._cpu_then = clock(), process_cpu()
         self._wanted_before = False
+        self._quiet_since = self._looked_at  # since when the pool held at most half its allowance in calls
+        self._quiet_peak = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="worker-sizer")
 
@@ -463,22 +515,42 @@ class WorkerSizer:
         self._stopped.set()
 
     def _run(self) -> None:
-        while not self._stopped.wait(self.LOOK_SECONDS) and self._pool.workers_allowed < self._pool.ceiling:
+        while not self._stopped.wait(self.LOOK_SECONDS):
             self.look()
 
     def look(self) -> None:
-        now, cpu = time.monotonic(), self._process_cpu()
+        now, cpu = self._clock(), self._process_cpu()
         busy = (cpu - self._cpu_then) / max(now - self._looked_at, 1e-3)
         self._looked_at, self._cpu_then = now, cpu
+        most_calls = self._pool.most_calls_since_last_look()
         wanted = self._pool.backlog_seen() and busy < self.SPARE_CPU
         grow, self._wanted_before = wanted and self._wanted_before, wanted
-        if not grow or self._pool.workers_allowed >= self._pool.ceiling:
-            return
+        if grow and self._pool.workers_allowed < self._pool.ceiling:
+            self._grow(busy)
+        else:
+            self._shrink_if_quiet(now, most_calls)
+
+    def _grow(self, busy: float) -> None:
         self._wanted_before = False  # the next step is judged on the new allowance alone
         allowed = self._pool.allow_more_workers()
+        self._quiet_since, self._quiet_peak = self._looked_at, 0
         log_event(self._log, logging.INFO, "more handler threads: calls kept queueing while the process had CPU "
                   "to spare, so the HSM's answer time is the bound", threads=allowed, ceiling=self._pool.ceiling,
                   process_cpu=f"{busy:.2f}")
+
+    def _shrink_if_quiet(self, now: float, most_calls: int) -> None:
+        allowed = self._pool.workers_allowed
+        if most_calls > allowed // 2 or allowed <= self._pool.least:
+            self._quiet_since, self._quiet_peak = now, 0
+            return
+        self._quiet_peak = max(self._quiet_peak, most_calls)
+        if now - self._quiet_since < self.SHRINK_AFTER_SECONDS:
+            return
+        fewer = self._pool.allow_fewer_workers()
+        log_event(self._log, logging.INFO, f"fewer handler threads: for {self.SHRINK_AFTER_SECONDS:.0f} s the "
+                  f"{allowed} threads never had more than {self._quiet_peak} calls at once", threads=fewer,
+                  least=self._pool.least)
+        self._quiet_since, self._quiet_peak = now, 0
 
 
 class Plugin:
