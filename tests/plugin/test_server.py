@@ -335,6 +335,7 @@ def grown_pool(threads: int) -> CallExecutor:
     assert wait_for(lambda: all(e.is_set() for e in started), 5)
     release.set()
     assert wait_for(lambda: pool.most_calls_since_last_look() == 0, 5)
+    pool.backlog_seen()  # as a look would: the calls that queued while it grew are history
     return pool
 
 
@@ -389,6 +390,47 @@ def test_the_sizer_keeps_threads_while_more_than_half_are_busy_and_lets_only_idl
     finally:
         longer.set()
         shorter.set()
+        pool.shutdown()
+
+
+def test_threads_busy_during_a_shrink_leave_once_their_call_ends_even_at_the_start_size() -> None:
+    pool = grown_pool(8)
+    release = threading.Event()
+    try:
+        started = blocked_calls(pool, 6, release)
+        assert wait_for(lambda: all(e.is_set() for e in started), 5)
+        assert pool.allow_fewer_workers() == 4 and wait_for(lambda: pool.threads == 6, 5)  # the two idle ones left
+        assert pool.allow_fewer_workers() == 2  # the start size: no later shrink will tidy up
+        release.set()
+        assert wait_for(lambda: pool.threads == 2, 5)
+        assert pool.submit(lambda: "served").result(5) == "served" and pool.threads == 2
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_shrink_lets_queued_calls_have_their_threads_and_reports_no_backlog_once_they_run() -> None:
+    pool = grown_pool(8)
+    hsm = threading.Event()  # a slow HSM: the calls hold their threads until it answers
+    held = [pool.submit(hsm.wait, 10) for _ in range(4)]
+    switch_interval = sys.getswitchinterval()
+    try:
+        assert wait_for(lambda: pool.most_calls_since_last_look() == 4, 5)
+        # Two calls arrive just before the shrink, before any woken thread has taken them: this thread
+        # keeps the GIL for the whole step (a long switch interval, and no call here blocks).
+        sys.setswitchinterval(1.0)
+        held += [pool.submit(hsm.wait, 10) for _ in range(2)]
+        allowed = pool.allow_fewer_workers()
+        sys.setswitchinterval(switch_interval)
+        assert allowed == 4
+        assert wait_for(lambda: pool.most_calls_since_last_look() == 6 and pool.threads == 6, 5)
+        assert not pool.backlog_seen()  # every call has its thread
+        hsm.set()
+        assert [call.result(5) for call in held] == [True] * 6
+        assert wait_for(lambda: pool.threads == 4, 5)
+    finally:
+        sys.setswitchinterval(switch_interval)
+        hsm.set()
         pool.shutdown()
 
 

@@ -298,10 +298,12 @@ class CallExecutor(futures.ThreadPoolExecutor):
 
     def allow_fewer_workers(self) -> int:
         """Halves the allowance, never below where the pool started, and lets surplus idle threads go (a
-        running call is never cut short); returns the allowance."""
+        running call is never cut short: busy surplus threads leave when their call ends); returns the
+        allowance."""
         with self._lock:
             self._allowed = max(self.least, self._allowed // 2)
-            surplus = min(self._staying() - self._allowed, self._free_threads())
+            # Queued calls come before the Nones: the threads that will take them are not surplus.
+            surplus = min(self._staying() - self._allowed, self._free_threads() - self._queued)
             for _ in range(max(0, surplus)):
                 self._leaving += 1
                 self._calls.put(None)
@@ -384,16 +386,24 @@ class CallExecutor(futures.ThreadPoolExecutor):
                     else:
                         future.set_result(result)
             finally:
-                self._done(counted)
+                leave = self._done(counted)
             del call, future, fn, args, kwargs  # drop references before waiting for the next call
+            if leave:
+                return
 
-    def _done(self, counted: bool) -> None:
+    def _done(self, counted: bool) -> bool:
+        """Counts a finished call out; True when the calling thread is one more than the allowance and leaves
+        (a shrink lets only idle threads go at once; those busy then leave here)."""
         with self._lock:
-            self._idle_threads += 1
             if counted:
                 self._unfinished -= 1
                 if self._unfinished == 0:
                     self._lock.notify_all()
+            if self._staying() > self._allowed and not self._closed:
+                self._workers.remove(threading.current_thread())
+                return True
+            self._idle_threads += 1
+            return False
 
     def finish_accepted_calls(self, timeout: float) -> bool:
         """Waits until every call handed over before this call has finished; False after ``timeout`` s."""
