@@ -31,15 +31,29 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _env import TOKEN, USER_PIN, NoopServicer, healthz, make_token, percentile, write_config
 
 from tests.support import proc_status, start_and_join
 
+if TYPE_CHECKING:
+    from p11kms.plugin.keyring import Keyring
+
 CALLERS = (1, 16, 64)
 SEED = bytes(range(32))
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def open_bench_keyring(module_path: str, sessions: int) -> Keyring:
+    """The keyring the plugin builds on the bench token (its one key as primary), with ``sessions`` work sessions."""
+    from p11kms.hsm.module import load_module
+    from p11kms.hsm.token import open_token
+    from p11kms.plugin.keyring import build_keyring
+
+    module = load_module(module_path)
+    token = open_token(module, module.find_token(label=TOKEN, serial=None, slot=None), USER_PIN.encode(), sessions)
+    return build_keyring(token, "bench-kek-1", [])
 
 
 # -- the floor: a servicer that does no work ----------------------------------------------------
@@ -67,14 +81,9 @@ def serve_keyring(socket: str, module_path: str, sessions: int, max_calls: int) 
     gRPC server factory, with none of the plugin's layers (admission, supervisor, metrics, logging, checks).
     What p11kms costs above this server is what its own layers cost; what this server costs above the
     no-op one is the HSM operation as it costs inside a busy serving process."""
-    from p11kms.hsm.module import load_module
-    from p11kms.hsm.token import open_token
     from p11kms.kmsv2 import api_pb2, api_pb2_grpc
-    from p11kms.plugin.keyring import build_keyring
 
-    module = load_module(module_path)
-    token = open_token(module, module.find_token(label=TOKEN, serial=None, slot=None), USER_PIN.encode(), sessions)
-    keyring = build_keyring(token, "bench-kek-1", [])
+    keyring = open_bench_keyring(module_path, sessions)
 
     class KeyringServicer(api_pb2_grpc.KeyManagementServiceServicer):
         def Status(self, request: Any, context: Any) -> Any:  # noqa: N802 - named by the .proto
@@ -211,14 +220,8 @@ def start_server(command: list[str], env: dict[str, str], socket: Path, log: Pat
 
 def hsm_operation_cost(env: dict[str, str], softhsm: str, rounds: int = 2000) -> dict[str, float]:
     """CPU microseconds per Encrypt and per Decrypt of the keyring in this process: no gRPC, one thread."""
-    from p11kms.hsm.module import load_module
-    from p11kms.hsm.token import open_token
-    from p11kms.plugin.keyring import build_keyring
-
     os.environ["SOFTHSM2_CONF"] = env["SOFTHSM2_CONF"]
-    module = load_module(softhsm)
-    token = open_token(module, module.find_token(label=TOKEN, serial=None, slot=None), USER_PIN.encode(), 1)
-    keyring = build_keyring(token, "bench-kek-1", [])
+    keyring = open_bench_keyring(softhsm, 1)
     sealed = keyring.encrypt(SEED)
     started = time.process_time()
     for _ in range(rounds):
@@ -228,7 +231,7 @@ def hsm_operation_cost(env: dict[str, str], softhsm: str, rounds: int = 2000) ->
     for _ in range(rounds):
         keyring.decrypt(sealed, keyring.key_id)
     decrypt = (time.process_time() - started) / rounds
-    token.close()
+    keyring.token.close()
     return {"encrypt_us": round(encrypt * 1e6, 1), "decrypt_us": round(decrypt * 1e6, 1)}
 
 
