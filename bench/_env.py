@@ -72,9 +72,13 @@ def start_plugin(config: Path, env: dict[str, str], log: Path) -> subprocess.Pop
     plugin = subprocess.Popen([sys.executable, "-m", "p11kms", "serve", "--config", str(config)], env=env,
                               stdout=subprocess.DEVNULL, stderr=log.open("w"))
     socket = config.parent / "kms.sock"
-    while healthz(socket) != "ok":
+    give_up_at = time.monotonic() + 60
+    while (answer := healthz(socket)) != "ok":
         if plugin.poll() is not None:
             raise SystemExit(f"plugin exited: {log.read_text()}")
+        if time.monotonic() > give_up_at:
+            plugin.kill()
+            raise SystemExit(f"plugin not healthy 60 s after its start (healthz {answer!r}): {log.read_text()}")
         time.sleep(0.05)
     return plugin
 

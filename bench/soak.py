@@ -17,7 +17,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -27,7 +29,32 @@ from typing import Any
 
 from _env import healthz, make_token, percentile, remote_hsm, start_plugin, status_key_id, write_config
 
-from tests.support import proc_status
+from tests.support import RemoteHsm, proc_status
+
+PHASE_SECONDS = 240.0  # a third of the calls, or the HSM coming back, takes ~20 s here: beyond this, it is stuck
+RESULTS_SECONDS = 60.0  # for the caller processes to report once every call was made
+
+
+class Stuck(SystemExit):
+    """A phase of the soak did not finish in time: a hang to diagnose, not a slow machine."""
+
+
+def stuck(phase: str, plugin: subprocess.Popen[bytes], log: Path, socket: Path, workers: list[Any],
+          hsm: RemoteHsm) -> Stuck:
+    """Collects what shows where the plugin hangs (healthz, every thread's stack via SIGUSR1, the log's
+    tail), ends every process of the soak, and returns the error to raise."""
+    health, exit_code = healthz(socket), plugin.poll()
+    if exit_code is None:
+        plugin.send_signal(signal.SIGUSR1)  # the plugin writes every thread's stack to its log
+        time.sleep(1.0)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-400:])
+    for worker in workers:
+        worker.kill()
+    plugin.kill()
+    if hsm.proc is not None:
+        hsm.kill()
+    return Stuck(f"soak stuck: {phase} (not done within its time); Status healthz: {health!r}; "
+                 f"plugin exit code: {exit_code}; plugin log, last lines:\n{tail}")
 
 
 @dataclass
@@ -105,9 +132,16 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
         worker.start()
 
     rss_samples: list[int] = []
+    plugin_log = directory / "plugin.log"
+
+    def give_up(phase: str) -> Stuck:
+        return stuck(phase, plugin, plugin_log, directory / "kms.sock", workers, hsm)
 
     def wait_for_calls(done: int) -> None:
+        give_up_at = time.monotonic() + PHASE_SECONDS
         while counter.value < done:
+            if time.monotonic() > give_up_at:
+                raise give_up(f"waiting for {done} calls, {counter.value} made")
             rss_samples.append(proc_status(plugin.pid, "VmRSS"))
             time.sleep(0.05)
 
@@ -123,11 +157,17 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
     hsm.kill()
     time.sleep(1.0)
     hsm.start()
+    give_up_at = time.monotonic() + PHASE_SECONDS
     while healthz(directory / "kms.sock") != "ok":
+        if time.monotonic() > give_up_at:
+            raise give_up("waiting for the plugin to be healthy again after the HSM restart")
         time.sleep(0.05)
     up_at = time.time()
     wait_for_calls(calls)
-    tallies = [results.get() for _ in workers]
+    try:
+        tallies = [results.get(timeout=RESULTS_SECONDS) for _ in workers]
+    except queue.Empty:
+        raise give_up("waiting for every caller process to report") from None
     for worker in workers:
         worker.join()
     elapsed = time.time() - started

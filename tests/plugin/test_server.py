@@ -93,6 +93,19 @@ def test_sighup_swaps_the_keyring_without_restart(run_plugin: Run, new_key: Keys
     assert "keyring reloaded" in plugin.log()
 
 
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_serving_goes_on(run_plugin: Run, new_key: Keys) -> None:
+    label, uuid = new_key()
+    plugin = run_plugin(label)
+    client = plugin.client()
+    plugin.signal(signal.SIGUSR1)
+    assert wait_for(lambda: "run_until_stopped" in plugin.log())
+    log = plugin.log()
+    assert log.count("Thread 0x") >= 3  # main, recovery, health probe, handler pools...: every thread
+    assert plugin.proc.poll() is None
+    assert client.status().key_id == uuid
+    assert client.decrypt(client.encrypt(b"u" * 32).ciphertext, uuid) == b"u" * 32
+
+
 def test_a_bad_reload_keeps_the_previous_keyring(run_plugin: Run, new_key: Keys) -> None:
     label, key_uuid = new_key()
     plugin = run_plugin(label)

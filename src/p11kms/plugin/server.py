@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import itertools
 import logging
@@ -737,3 +738,6 @@ def install_signal_handlers(plugin: Plugin) -> None:
     signal.signal(signal.SIGTERM, lambda _s, _f: plugin.request_stop())
     signal.signal(signal.SIGINT, lambda _s, _f: plugin.request_stop())
     signal.signal(signal.SIGHUP, lambda _s, _f: plugin.request_reload())
+    # Every thread's stack to stderr (the log) on demand: shows which PKCS#11 call a hung HSM holds a
+    # request in. faulthandler writes from its C handler, so it answers even while the GIL is held.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
