@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
 export PATH="$PWD/.venv/bin:$PATH"  # tools setup.sh may have put there (kubectl)
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check src tests bench scripts
 .venv/bin/mypy
 scripts/audit.sh
 .venv/bin/python -m pytest "$@"

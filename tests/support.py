@@ -401,6 +401,87 @@ def p11kit_remote(directory: Path, softhsm_module: str, token_label: str, base_e
     return RemoteHsm(directory / "hsm.sock", clients[0], softhsm_module, token_label, server_env)
 
 
+def stock_p11kit_client() -> Path:
+    """p11-kit-client.so as released, without the wake-readers fix (see scripts/build-p11kit.sh)."""
+    path = p11kit_prefix() / "stock" / "p11-kit-client.so"
+    assert path.exists(), "no stock p11-kit client: run scripts/build-p11kit.sh (scripts/setup.sh --dev does)"
+    return path
+
+
+def _receive_exactly(connection: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = connection.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+class ReplyCutter:
+    """The network between p11-kit-client and `p11-kit server`, able to break in the middle of a reply.
+
+    Relays each client connection to the server's socket. p11-kit's RPC stream is one handshake byte
+    each way, then messages of a 12-byte header (code, options length, data length) and their bytes.
+    ``cut_next_reply`` makes the relay forward only the header of the next reply that arrives while
+    at least one more request of the same connection waits for its reply, then close both sides: a
+    connection lost mid-reply with calls in flight, the case that wedges the stock p11-kit client.
+    """
+
+    def __init__(self, listen: Path, server: Path) -> None:
+        self.listen, self.server = listen, server
+        self.cut = threading.Event()
+        self._cut_wanted = threading.Event()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(listen))
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True, name="relay").start()
+
+    def cut_next_reply(self) -> None:
+        self._cut_wanted.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(str(self.server))
+            waiting = [0]  # requests relayed that have no reply yet
+            lock = threading.Lock()
+            threading.Thread(target=self._relay, args=(client, upstream, waiting, lock, False), daemon=True).start()
+            threading.Thread(target=self._relay, args=(upstream, client, waiting, lock, True), daemon=True).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket, waiting: list[int], lock: threading.Lock,
+               replies: bool) -> None:
+        cut = False
+        try:
+            sink.sendall(_receive_exactly(source, 1))  # the handshake (protocol version) byte
+            while not cut:
+                header = _receive_exactly(source, 12)
+                options, data = int.from_bytes(header[4:8], "big"), int.from_bytes(header[8:12], "big")
+                with lock:
+                    waiting[0] += -1 if replies else 1
+                    cut = replies and waiting[0] >= 1 and self._cut_wanted.is_set()
+                if cut:
+                    sink.sendall(header)
+                    self._cut_wanted.clear()
+                else:
+                    sink.sendall(header + _receive_exactly(source, options + data))
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+        if cut:
+            self.cut.set()
+
+
 def remote_hsm(env: HsmEnv, directory: Path) -> RemoteHsm:
     return p11kit_remote(directory, env.module, TOKEN_LABEL, env.process_env())
 

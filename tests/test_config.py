@@ -130,10 +130,18 @@ def test_a_pin_in_the_config_file_is_refused(tmp_path: Path) -> None:
     ("Sessions = 0", "between 1 and 256"),
     ("Log_Level = loud", "one of debug, info, warning, error"),
     ("Health_Interval = soon", "must be a number"),
+    ("Stuck_Call_Exit = 0", "between 1 and 3600, or off"),
+    ("Stuck_Call_Exit = never", "must be a number of seconds between 1 and 3600, or off"),
 ])
 def test_bad_values_name_the_attribute_and_line(tmp_path: Path, line: str, expected: str) -> None:
     message = error_of(tmp_path, BASE + line + "\n")
     assert ":5:" in message and expected in message and line.split()[0] in message
+
+
+def test_stuck_call_exit_defaults_to_60_s_and_can_be_switched_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, BASE)).stuck_call_exit == 60.0
+    assert load_config(write(tmp_path, BASE + "Stuck_Call_Exit = 5\n")).stuck_call_exit == 5.0
+    assert load_config(write(tmp_path, BASE + "Stuck_Call_Exit = OFF\n")).stuck_call_exit is None
 
 
 def test_exactly_one_pin_source(tmp_path: Path) -> None:

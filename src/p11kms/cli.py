@@ -177,6 +177,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         install_signal_handlers(plugin)
         plugin.start()
         plugin.run_until_stopped()
+        if plugin.failure is not None:  # stopped by itself, to be restarted (a wedged PKCS#11 library)
+            return EXIT_FAILURE
     except (ConfigError, PinError) as exc:
         log_event(logger, logging.CRITICAL, "config error; not started", error=str(exc))
         return EXIT_USAGE

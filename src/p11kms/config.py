@@ -64,6 +64,9 @@ class PluginConfig:
     max_calls: int = 1024
     health_interval: float = 10.0
     shutdown_grace: float = 10.0
+    # How long a reconnect waits for calls stuck inside the PKCS#11 module before the process exits
+    # to be restarted with the module loaded afresh; None: wait for ever.
+    stuck_call_exit: float | None = 60.0
     http_address: tuple[str, int] | None = ("127.0.0.1", DEFAULT_HTTP_PORT)
     gcm_iv: str = "auto"  # who chooses AES-GCM IVs: auto, caller or hsm
     module_init_args: str | None = None  # passed as pReserved of C_Initialize (NSS softoken)
@@ -79,7 +82,7 @@ class PluginConfig:
 ATTRIBUTES = {name.lower(): name for name in (
     "Primary_key", "Secondary_key", "PKCS11_Module", "Token_Label", "Token_Serial", "Slot",
     "PIN_File", "PIN_Env", "Socket", "Socket_Mode", "Socket_Group", "Log_Format", "Log_Level",
-    "Sessions", "Max_Calls", "Health_Interval", "Shutdown_Grace", "HTTP_Address",
+    "Sessions", "Max_Calls", "Health_Interval", "Shutdown_Grace", "Stuck_Call_Exit", "HTTP_Address",
     "GCM_IV", "Module_Init_Args",
 )}
 _SECRET_LOOKING = {"pin", "user_pin", "password", "so_pin"}
@@ -349,11 +352,23 @@ def load_config(path: str | os.PathLike[str]) -> PluginConfig:
         max_calls=int(reader.number("max_calls", 1024, low=1, high=10000, integer=True)),
         health_interval=reader.number("health_interval", 10.0, low=0.5, high=300),
         shutdown_grace=reader.number("shutdown_grace", 10.0, low=0, high=600),
+        stuck_call_exit=_seconds_or_off(reader, "stuck_call_exit", 60.0, low=1, high=3600),
         http_address=_http_address(reader),
         gcm_iv=reader.choice("gcm_iv", "auto", ("auto", "caller", "hsm")),
         module_init_args=reader.text("module_init_args"),
         lines={key: s.line for key, s in reader.settings.items()},
     )
+
+
+def _seconds_or_off(reader: _Reader, key: str, default: float, *, low: float, high: float) -> float | None:
+    raw = reader.text(key)
+    if raw is not None and raw.lower() == "off":
+        return None
+    try:
+        return reader.number(key, default, low=low, high=high)
+    except ConfigError as exc:
+        raise reader.fail(key, f"must be a number of seconds between {low:g} and {high:g}, or off, got {raw!r}"
+                          ) from exc
 
 
 def _relative_to(config_path: Path, value: str | None) -> Path | None:

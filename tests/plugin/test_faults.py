@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import re
 import signal
 import threading
 import time
@@ -21,7 +22,17 @@ import pytest
 
 from p11kms.hsm.token import Token
 from p11kms.plugin.keyring import build_keyring
-from tests.support import FaultControl, HsmEnv, PluginProcess, remote_hsm, start_and_join, start_plugin, wait_until
+from tests.support import (
+    FaultControl,
+    HsmEnv,
+    PluginProcess,
+    ReplyCutter,
+    remote_hsm,
+    start_and_join,
+    start_plugin,
+    stock_p11kit_client,
+    wait_until,
+)
 
 Keys = Callable[[], tuple[str, str]]
 StartFaulty = Callable[..., PluginProcess]
@@ -231,6 +242,62 @@ def test_remote_hsm_killed_and_restarted(hsm_env: HsmEnv, tmp_path: Path, new_ke
         plugin.stop()
         if hsm.proc is not None:
             hsm.kill()
+
+
+def test_a_library_wedged_by_a_connection_cut_mid_reply_makes_the_plugin_exit_to_be_restarted(
+        hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    """The stock p11-kit client, its connection to `p11-kit server` cut after a reply's header while other
+    calls wait (a network failure mid-message): those calls never come back from the library (a p11-kit
+    defect, see scripts/p11kit-wake-readers.py), so the reconnect, which must wait until no call is
+    inside the module, can never run. The plugin exits with status 1 after Stuck_Call_Exit so that
+    kubelet or systemd restarts it, and the new process, loading the library afresh, serves."""
+    hsm = remote_hsm(hsm_env, tmp_path)
+    hsm.start()
+    relay = ReplyCutter(tmp_path / "relay.sock", hsm.socket)
+    label, key_id = new_key()
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", label, PKCS11_Module=str(stock_p11kit_client()),
+                                  Stuck_Call_Exit="3", Shutdown_Grace="1")
+    through_relay = {"P11_KIT_SERVER_ADDRESS": f"unix:path={relay.listen}"}
+    plugins = [start_plugin(hsm_env, config, extra_env=through_relay)]
+    stop = threading.Event()
+
+    def traffic() -> None:
+        caller = plugins[0].client()
+        while not stop.is_set():
+            try:
+                caller.encrypt(b"w" * 32)
+            except grpc.RpcError:
+                time.sleep(0.05)
+
+    workers = [threading.Thread(target=traffic, daemon=True) for _ in range(6)]
+    try:
+        for worker in workers:
+            worker.start()
+        time.sleep(0.3)
+        relay.cut_next_reply()
+        assert relay.cut.wait(10), "no reply was cut"
+        cut_at = time.monotonic()
+        exit_code = plugins[0].proc.wait(30)
+        exited_after = time.monotonic() - cut_at
+        stop.set()
+        log = plugins[0].log()
+        assert exit_code == 1, log[-3000:]
+        stuck = re.search(r"hsm calls stuck.*calls_in_module=(\d+)", log)
+        assert stuck and int(stuck.group(1)) >= 1, log[-3000:]
+        assert exited_after < 3 + 1 + 2 + 2  # Stuck_Call_Exit + Shutdown_Grace + the hsm's stop + slack
+        # What kubelet or systemd does next: a new process, which loads the library afresh.
+        plugins.append(start_plugin(hsm_env, config, extra_env=through_relay))
+        client = plugins[1].client()
+        assert client.status().healthz == "ok" and client.status().key_id == key_id
+        reply = client.encrypt(b"v" * 32)
+        assert client.decrypt(reply.ciphertext, reply.key_id) == b"v" * 32
+        print(f"\nwedged library: {stuck.group(1)} calls stuck, plugin exited {exited_after:.1f} s after the cut")
+    finally:
+        stop.set()
+        for plugin in plugins:
+            plugin.stop()
+        relay.close()
+        hsm.kill()
 
 
 def test_pin_never_leaks(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path, new_key: Keys) -> None:

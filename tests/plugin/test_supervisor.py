@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -45,8 +46,10 @@ def supervisors() -> Iterator[list[KeyringSupervisor]]:
         supervisor.stop()
 
 
-def start(config: PluginConfig, started: list[KeyringSupervisor]) -> KeyringSupervisor:
-    supervisor = KeyringSupervisor(config, logging.getLogger("test-supervisor"), retry_initial=0.05, pin_poll=0.2)
+def start(config: PluginConfig, started: list[KeyringSupervisor],
+          on_stuck: Callable[[str], None] | None = None) -> KeyringSupervisor:
+    supervisor = KeyringSupervisor(config, logging.getLogger("test-supervisor"), retry_initial=0.05, pin_poll=0.2,
+                                   on_stuck=on_stuck)
     supervisor.start()
     started.append(supervisor)
     return supervisor
@@ -170,3 +173,38 @@ def test_a_secondary_deleted_at_runtime_refuses_only_its_decrypts(
     for _ in range(20):
         assert supervisor.run(lambda k: k.decrypt(k.encrypt(b"n" * 32), k.key_id)) == b"n" * 32
     assert supervisor.state is HsmState.READY and supervisor.reconnects == 0
+
+
+def request_that_never_leaves(supervisor: KeyringSupervisor) -> threading.Event:
+    """A request that enters the gate and stays, as one stuck in a wedged library does; set the event to free it."""
+    inside, release = threading.Event(), threading.Event()
+
+    def stay(_keyring: Keyring) -> None:
+        inside.set()
+        release.wait(30)
+
+    threading.Thread(target=supervisor.run, args=(stay,), daemon=True).start()
+    assert inside.wait(5)
+    return release
+
+
+@pytest.mark.parametrize(("setting", "reported"), [("2", True), ("off", False)])
+def test_a_reconnect_blocked_by_a_request_that_never_leaves_is_reported_after_stuck_call_exit(
+        private_config: Callable[..., PluginConfig], supervisors: list[KeyringSupervisor], new_key: Keys,
+        setting: str, reported: bool) -> None:
+    reasons: list[str] = []
+    supervisor = start(private_config(new_key()[0], Stuck_Call_Exit=setting), supervisors, on_stuck=reasons.append)
+    release = request_that_never_leaves(supervisor)
+    fail_like_a_dead_device(supervisor)
+    try:
+        if reported:
+            assert 1.5 < wait_until(lambda: bool(reasons), seconds=10) < 4
+            assert "over 2 s (Stuck_Call_Exit)" in reasons[0] and "wedged" in reasons[0]
+        else:
+            time.sleep(4)
+            assert reasons == [] and supervisor.state is HsmState.RECOVERING
+    finally:
+        release.set()
+    # Once the request leaves, the waiting reconnect (Stuck_Call_Exit = off) goes through.
+    if not reported:
+        wait_until(lambda: supervisor.state is HsmState.READY, seconds=10)

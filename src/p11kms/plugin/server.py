@@ -573,11 +573,12 @@ class Plugin:
         self.metrics = Metrics()
         self.health = CachedHealth(lambda: self.keys.run(Keyring.self_test), config.health_interval)
         self.keys = KeyringSupervisor(config, logger, on_ready=self.health.invalidate, observer=self.metrics,
-                                      hsm_observer=self.metrics)
+                                      hsm_observer=self.metrics, on_stuck=self._exit_for_restart)
         self.http: PluginHttpServer | None = None
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
+        self.failure: str | None = None  # why the plugin stops by itself, to exit non-zero for a restart
         self.serving: GrpcServing | None = None
         self.service: KmsService | None = None
         self.sizer: WorkerSizer | None = None
@@ -655,6 +656,11 @@ class Plugin:
         self.lock.mark(STOPPING)  # at once: a successor started right after SIGTERM waits instead of failing
         self._wake.set()
 
+    def _exit_for_restart(self, reason: str) -> None:
+        """Stops the plugin so that its process exits with status 1 and kubelet or systemd starts a new one."""
+        self.failure = reason
+        self.request_stop()
+
     def request_reload(self) -> None:
         self._reload_requested = True
         self._wake.set()
@@ -711,7 +717,7 @@ class Plugin:
 
     def stop(self) -> None:
         log_event(self.log, logging.INFO, "stopping; finishing in-flight calls",
-                  grace_seconds=self.config.shutdown_grace)
+                  grace_seconds=self.config.shutdown_grace, reason=self.failure or "SIGTERM or SIGINT")
         if self.sizer is not None:
             self.sizer.stop()
         if self.serving is not None and self.service is not None:

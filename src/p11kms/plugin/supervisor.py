@@ -9,7 +9,11 @@ timer, since retries can lock or erase a token: only a changed PIN source or a
 reload (SIGHUP) leads to one new attempt.
 
 Reconnecting invalidates every session and object handle, so it waits until no
-request is inside the module (a shared/exclusive gate) before C_Finalize.
+request is inside the module (a shared/exclusive gate) before C_Finalize. A call that
+never comes back from the module (a library wedged by its lost connection) would make
+that wait endless: after Stuck_Call_Exit seconds the supervisor reports the module
+stuck, and the plugin exits to be restarted, since only a new process can load the
+library afresh.
 """
 
 from __future__ import annotations
@@ -168,6 +172,10 @@ class _Gate:
                 if self._exclusive and self._active == 0:  # only a reconnect waits for the last request
                     self._cond.notify_all()
 
+    @property
+    def requests_inside(self) -> int:
+        return self._active
+
     @contextmanager
     def exclusive(self, timeout: float | None = None) -> Iterator[bool]:
         """Yields False, holding nothing, when the gate is not free within ``timeout``."""
@@ -198,7 +206,7 @@ class KeyringSupervisor:
     def __init__(self, config: PluginConfig, logger: logging.Logger, *, retry_initial: float = 0.2,
                  retry_max: float = 5.0, pin_poll: float = 2.0,
                  on_ready: Callable[[], None] | None = None, observer: SupervisorObserver | None = None,
-                 hsm_observer: HsmObserver | None = None) -> None:
+                 hsm_observer: HsmObserver | None = None, on_stuck: Callable[[str], None] | None = None) -> None:
         self._config = config
         self._log = logger
         # A wrong module path is a config error: raise now. Initialising may fail while the HSM is away.
@@ -207,6 +215,7 @@ class KeyringSupervisor:
             self._module.observer = hsm_observer
         self._retry_initial, self._retry_max, self._pin_poll = retry_initial, retry_max, pin_poll
         self._on_ready = on_ready or (lambda: None)
+        self._on_stuck = on_stuck or (lambda _reason: None)
         self._observer = observer or NullSupervisorObserver()
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -485,7 +494,10 @@ class KeyringSupervisor:
         return self._pin_source_digest() not in (None, self._refused_pin_digest)
 
     def _attempt(self) -> bool:
-        with self._gate.exclusive() as _:
+        with self._gate.exclusive(self._config.stuck_call_exit) as entered:
+            if not entered:
+                self._report_stuck_calls()
+                return False
             if self._stopped.is_set():
                 return False
             self.reconnects += 1
@@ -502,6 +514,20 @@ class KeyringSupervisor:
         log_event(self._log, logging.INFO, "hsm reconnected", attempts=self.reconnects,
                   key_id=self.key_id)
         return True
+
+    def _report_stuck_calls(self) -> None:
+        """A reconnect waited Stuck_Call_Exit seconds for requests that never left the module."""
+        token = self._token
+        in_module = token.in_flight if token is not None else 0
+        waited = self._config.stuck_call_exit
+        reason = (f"{in_module} calls stayed inside the PKCS#11 module for over {waited:g} s (Stuck_Call_Exit) "
+                  "while a reconnect waited for them: the library is wedged, and only a new process loads it "
+                  "afresh")
+        log_event(self._log, logging.CRITICAL, "hsm calls stuck in the pkcs#11 module; exiting to be restarted",
+                  calls_in_module=in_module, requests_inside=self._gate.requests_inside, waited_seconds=waited,
+                  cause=self._cause, fix="kubelet or systemd restarts the plugin; if it recurs, check the "
+                  "vendor library and its connection to the HSM (docs/reliability.md)")
+        self._on_stuck(reason)
 
     def _pin_source_digest(self) -> str | None:
         """The digest of the PIN the source holds now, or None when it cannot be read."""
