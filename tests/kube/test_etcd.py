@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import uuid
 
 import pytest
@@ -47,3 +50,26 @@ def test_paged_scan_sees_one_consistent_revision(etcd: str, prefix: bytes) -> No
 def test_unreachable_endpoints_are_named() -> None:
     with pytest.raises(EtcdError, match=r"127\.0\.0\.1:1"):
         EtcdClient(["http://127.0.0.1:1"], timeout=1).revision()
+
+
+def test_a_tls_handshake_closed_without_an_alert_and_no_client_certificate_says_to_pass_one() -> None:
+    """etcd without a client certificate sometimes closes the TLS 1.3 connection before its alert is read
+    (seen on CI: "EOF occurred in violation of protocol"). A listener that closes every connection at
+    once produces that EOF on demand."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def close_each() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                listener.accept()[0].close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    try:
+        with pytest.raises(EtcdError) as caught:
+            EtcdClient([f"https://127.0.0.1:{port}"], timeout=2).revision()
+    finally:
+        listener.close()
+    message = str(caught.value)
+    assert "requires a client certificate" in message and "--cert" in message and "--key" in message
+    assert "closed the TLS connection" in message

@@ -149,6 +149,11 @@ class EtcdClient:
             return (f"cannot verify the certificate of etcd at {endpoint} ({reason.verify_message}): pass --cacert "
                     "with the CA that signed etcd's server certificate, and an endpoint whose host that "
                     f"certificate names ({KUBEADM_TLS_HINT})")
+        if isinstance(reason, ssl.SSLEOFError) and self._client_cert is None:
+            # With TLS 1.3 etcd may close the connection before its "certificate required" alert is read.
+            return (f"etcd at {endpoint} closed the TLS connection without saying why; with no client certificate "
+                    "given, it most likely requires a client certificate: pass --cert and --key "
+                    f"({KUBEADM_TLS_HINT})")
         if not isinstance(reason, ssl.SSLError) or reason.reason not in _NO_CLIENT_CERT_ALERTS:
             return None
         if self._client_cert is None:
