@@ -71,16 +71,24 @@ def write_config(directory: Path, module: str | Path, pin: Path, **extra: str) -
 def start_plugin(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     plugin = subprocess.Popen([sys.executable, "-m", "p11kms", "serve", "--config", str(config)], env=env,
                               stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    socket = config.parent / "kms.sock"
-    give_up_at = time.monotonic() + 60
-    while (answer := healthz(socket)) != "ok":
-        if plugin.poll() is not None:
-            raise SystemExit(f"plugin exited: {log.read_text()}")
-        if time.monotonic() > give_up_at:
-            plugin.kill()
-            raise SystemExit(f"plugin not healthy 60 s after its start (healthz {answer!r}): {log.read_text()}")
-        time.sleep(0.05)
+    problem = wait_until_healthy(config.parent / "kms.sock", plugin, seconds=60)
+    if problem is not None:
+        plugin.kill()
+        raise SystemExit(f"plugin {problem} after its start: {log.read_text()}")
     return plugin
+
+
+def wait_until_healthy(socket: Path, process: subprocess.Popen[bytes] | None = None, *, seconds: float = 240.0,
+                       poll: float = 0.05) -> str | None:
+    """None once Status on ``socket`` says ok; else why not: ``process`` exited, or ``seconds`` passed."""
+    give_up_at = time.monotonic() + seconds
+    while (answer := healthz(socket)) != "ok":
+        if process is not None and process.poll() is not None:
+            return f"exited with {process.returncode}"
+        if time.monotonic() > give_up_at:
+            return f"not healthy within {seconds:g} s (healthz {answer!r})"
+        time.sleep(poll)
+    return None
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from _env import healthz, make_token, remote_hsm, start_plugin, write_config
+from _env import healthz, make_token, remote_hsm, start_plugin, wait_until_healthy, write_config
 
 from p11kms.kube.client import KmsClient
 from tests.support import FaultControl, build_fault_module
@@ -73,8 +73,9 @@ def drill(name: str, socket: Path, inject: Callable[[], object], clear: Callable
         time.sleep(0.02)
     cleared_at = time.monotonic()
     clear()
-    while healthz(socket) != "ok":
-        time.sleep(0.02)
+    problem = wait_until_healthy(socket, poll=0.02)
+    if problem is not None:
+        raise SystemExit(f"plugin {problem} after the fault was cleared")
     recovered = time.monotonic() - cleared_at
     time.sleep(0.3)
     caller.stop.set()

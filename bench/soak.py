@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _env import healthz, make_token, percentile, remote_hsm, start_plugin, status_key_id, write_config
+from _env import (
+    healthz,
+    make_token,
+    percentile,
+    remote_hsm,
+    start_plugin,
+    status_key_id,
+    wait_until_healthy,
+    write_config,
+)
 
 from tests.support import RemoteHsm, proc_status
 
@@ -157,11 +166,9 @@ def run(callers: int, calls: int, processes: int) -> dict[str, object]:
     hsm.kill()
     time.sleep(1.0)
     hsm.start()
-    give_up_at = time.monotonic() + PHASE_SECONDS
-    while healthz(directory / "kms.sock") != "ok":
-        if time.monotonic() > give_up_at:
-            raise give_up("waiting for the plugin to be healthy again after the HSM restart")
-        time.sleep(0.05)
+    problem = wait_until_healthy(directory / "kms.sock", plugin, seconds=PHASE_SECONDS)
+    if problem is not None:
+        raise give_up(f"waiting for the plugin to be healthy again after the HSM restart: {problem}")
     up_at = time.time()
     wait_for_calls(calls)
     try:

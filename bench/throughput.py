@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _env import TOKEN, USER_PIN, NoopServicer, healthz, make_token, percentile, write_config
+from _env import TOKEN, USER_PIN, NoopServicer, make_token, percentile, wait_until_healthy, write_config
 
 from tests.support import proc_status, start_and_join
 
@@ -204,10 +204,9 @@ def status_p99_during_decrypts(pid: int, socket: Path, calls: int, processes: in
 
 # -- servers -----------------------------------------------------------------------------------------
 def _wait_ready(process: subprocess.Popen[bytes], socket: Path, started: float) -> float:
-    while healthz(socket) != "ok":
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        time.sleep(0.005)
+    problem = wait_until_healthy(socket, process, poll=0.005)
+    if problem is not None:
+        raise SystemExit(f"server {problem}")
     return time.monotonic() - started
 
 
