@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from p11kms.hsm.token import Token
+from p11kms.plugin.configwatch import file_generation
 from p11kms.plugin.keyring import build_keyring
 from tests.support import (
     FaultControl,
@@ -451,3 +452,23 @@ def test_a_deleted_secondary_never_takes_the_primary_down(run_plugin: Callable[.
     reply = restarted.client().encrypt(b"s" * 32)
     assert restarted.client().decrypt(reply.ciphertext, reply.key_id) == b"s" * 32
     assert "configured key missing from the hsm" in restarted.log()
+
+
+def test_a_reload_whose_build_meets_a_dead_hsm_is_applied_by_the_reconnect_and_never_reported_rejected(
+        start_faulty: StartFaulty, faults: FaultControl, new_key: Keys) -> None:
+    (old_label, _), (new_label, new_uuid) = new_key(), new_key()
+    plugin = start_faulty(old_label)
+    client = plugin.client()
+    config = plugin.socket.parent / "p11kms.cfg"
+    # The next key lookup (the reload's) meets a dead device; the reconnect after it finds the HSM back.
+    faults.set("fail C_FindObjectsInit 0x30 1")
+    config.write_text(config.read_text().replace(f"Primary_key = {old_label}",
+                                                 f"Primary_key = {new_label}\nSecondary_key = {old_label}"))
+    wait_until(lambda: client.status().key_id == new_uuid and client.status().healthz == "ok")
+    assert client.encrypt(b"r" * 32).key_id == new_uuid
+    details = plugin.healthz()["config"]
+    assert details["generation"] == file_generation(config) and details["reload_failed"] is False, details
+    log = plugin.log()
+    assert "reload failed" not in log and "still serving the previous keyring" not in log
+    assert "the new keys apply on reconnect" in log
+    assert "p11kms_config_reload_failed 0.0" in plugin.http_get("/metrics")[1]

@@ -89,6 +89,81 @@ class HeldBackGate:
         return self._real.exclusive(timeout) if timeout is not None else self._real.exclusive()
 
 
+class HeldBackBuild:
+    """Wraps the supervisor's keyring build and holds the first build made on the thread named ``thread``.
+
+    The HSM stays real; this only forces the interleaving of a race: that thread has read the config it
+    builds from, and another path (a reload) runs before its keyring is installed.
+    """
+
+    def __init__(self, supervisor: KeyringSupervisor, thread: str) -> None:
+        self._real = supervisor._build_keyring
+        self._thread = thread
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        supervisor._build_keyring = self  # type: ignore[method-assign]
+
+    def __call__(self, token: Token, config: PluginConfig) -> Keyring:
+        if threading.current_thread().name == self._thread and not self.arrived.is_set():
+            self.arrived.set()
+            assert self.release.wait(20)
+        return self._real(token, config)
+
+
+def test_a_refresh_racing_a_reload_never_undoes_it(
+        private_config: Callable[..., PluginConfig], new_key: Keys, token: Token,
+        supervisors: list[KeyringSupervisor]) -> None:
+    (primary, primary_uuid), (old_label, old_uuid), (new_label, new_uuid) = new_key(), new_key(), new_key()
+    sealed_under_old = build_keyring(token, old_label, []).encrypt(b"o" * 32)
+    supervisor = start(private_config(primary, old_label), supervisors)
+    held = HeldBackBuild(supervisor, thread="refresh")
+    token.destroy_object(token.find_one_secret_key(old_label))  # its handle goes stale: a Decrypt refreshes
+    outcome: list[BaseException] = []
+
+    def decrypt_under_the_deleted_key() -> None:
+        try:
+            supervisor.run(lambda k: k.decrypt(sealed_under_old, old_uuid))
+        except KeyMissing as exc:  # the refresh found it gone, as it is
+            outcome.append(exc)
+
+    refresh = threading.Thread(target=decrypt_under_the_deleted_key, name="refresh", daemon=True)
+    refresh.start()
+    assert held.arrived.wait(10)
+    # `rotate promote` while the refresh is under way: the new key encrypts, the old primary decrypts.
+    promoted = private_config(new_label, primary, name="promoted.cfg")
+    reload = threading.Thread(target=supervisor.reload, args=(promoted,), name="reload", daemon=True)
+    reload.start()
+    reload.join(2)  # the reload goes first, or waits for the refresh; either way it must be the one that stays
+    held.release.set()
+    for thread in (refresh, reload):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert len(outcome) == 1
+    assert supervisor.key_id == new_uuid != primary_uuid
+    keyring = supervisor.current_keyring()
+    assert keyring is not None and keyring.primary.label == new_label
+    assert [k.label for k in keyring.secondaries] == [primary]
+    assert supervisor.run(lambda k: k.encrypt(b"n" * 32)) is not None
+    assert supervisor.run(lambda k: k.key_id) == new_uuid
+
+
+def test_a_reload_during_a_reconnect_is_applied_by_the_reconnect(
+        private_config: Callable[..., PluginConfig], new_key: Keys, supervisors: list[KeyringSupervisor]) -> None:
+    (old_label, _), (new_label, new_uuid) = new_key(), new_key()
+    supervisor = start(private_config(old_label), supervisors)
+    held = HeldBackBuild(supervisor, thread="hsm-recovery")
+    fail_like_a_dead_device(supervisor)
+    assert held.arrived.wait(10)  # the reconnect holds the gate and has read the config it builds from
+    # Refused at the gate after GATE_WAIT_SECONDS, this reload used to be reported as failed, and the
+    # config watch, having recorded the file, never tried it again.
+    assert supervisor.reload(private_config(new_label, old_label, name="promoted.cfg")) is None
+    held.release.set()
+    wait_until(lambda: supervisor.state is HsmState.READY and supervisor.key_id == new_uuid)
+    keyring = supervisor.current_keyring()
+    assert keyring is not None and keyring.primary.label == new_label
+    assert [k.label for k in keyring.secondaries] == [old_label]
+
+
 def test_a_request_racing_a_reconnect_uses_the_new_token_and_never_blocks(
         private_config: Callable[..., PluginConfig], new_key: Keys, supervisors: list[KeyringSupervisor]) -> None:
     supervisor = start(private_config(new_key()[0]), supervisors)

@@ -14,6 +14,12 @@ never comes back from the module (a library wedged by its lost connection) would
 that wait endless: after Stuck_Call_Exit seconds the supervisor reports the module
 stuck, and the plugin exits to be restarted, since only a new process can load the
 library afresh.
+
+A keyring becomes current one way only, :meth:`KeyringSupervisor._install`, whoever built it
+(a reconnect, a reload, a refresh after a stale key handle). Each change of keyring or config
+raises one generation; a build remembers the generation its config was read at and is installed
+only if nothing changed since, so a slow build can never undo a newer one. A reconnect whose
+config was replaced meanwhile builds again with the new one.
 """
 
 from __future__ import annotations
@@ -217,8 +223,8 @@ class KeyringSupervisor:
         self._on_ready = on_ready or (lambda: None)
         self._on_stuck = on_stuck or (lambda _reason: None)
         self._observer = observer or NullSupervisorObserver()
-        self._lock = threading.Lock()
-        self._refresh_lock = threading.Lock()
+        self._lock = threading.Lock()  # the fields below; held briefly, never across an HSM call
+        self._builds = threading.Lock()  # one keyring build at a time among requests and reloads
         self._gate = _Gate()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -226,7 +232,7 @@ class KeyringSupervisor:
         self._keyring: Keyring | None = None
         self._known_uuids: dict[str, str] = {}  # label -> UUID of every key ever loaded here
         self._last_key_id: str | None = None
-        self._generation = 0
+        self._generation = 0  # raised by every change of keyring, token or config (see _install)
         self._last_refresh = 0.0
         self._unconfigured: dict[str, tuple[str | None, float]] = {}  # key_id -> (label in the HSM, looked up at)
         self._state = HsmState.CONNECTING
@@ -267,7 +273,7 @@ class KeyringSupervisor:
             try:
                 return self._run_on(keyring, generation, work)
             except (HsmUnavailable, LoginFailed, KeyNotFound) as exc:
-                self._on_failure(exc, generation)
+                self._on_failure(exc, keyring.token)
                 raise
             except UnknownKeyId as exc:
                 label = None if isinstance(exc, KeyMissing) else self._label_in_hsm(keyring, exc.key_id)
@@ -335,15 +341,26 @@ class KeyringSupervisor:
 
     def reload(self, config: PluginConfig) -> Keyring | None:
         """Adopts new key labels (and nothing that needs a restart). Returns the new keyring, or
-        None when the HSM is down (the next reconnect uses the new labels, and a refused login
-        gets one new attempt). Raises, keeping the previous keyring, when the new labels cannot
-        be used."""
+        None when the HSM is down or a reconnect is under way: the reconnect then builds with the
+        new labels (one in progress builds again), and a refused login gets one new attempt.
+        Raises, keeping the previous keyring, when the new labels cannot be used.
+
+        Reloads come one at a time (the plugin's main thread), so the newest is always installed."""
         adopted = adopt_reloadable(self._config, config)
-        with self._gate.shared(GATE_WAIT_SECONDS) as entered:
-            if not entered:
-                raise HsmUnavailable("a reconnect to the hsm is under way; send SIGHUP again when it is done")
+        while True:
+            with self._gate.shared(GATE_WAIT_SECONDS) as entered:
+                if entered:
+                    return self._reload_inside_gate(adopted)
+            # A reconnect holds the gate: it takes the new labels (one already building builds again),
+            # unless it became ready just before they were adopted; then this reload goes in again.
+            self._adopt_for_reconnect(adopted)
+            if self._state is not HsmState.READY or self._stopped.is_set():
+                return None
+
+    def _reload_inside_gate(self, adopted: PluginConfig) -> Keyring | None:
+        with self._builds:
             with self._lock:
-                token, generation, ready = self._token, self._generation, self._state is HsmState.READY
+                token, ready = self._token, self._state is HsmState.READY
             if not ready or token is None:
                 self._adopt_for_reconnect(adopted)
                 return None
@@ -351,15 +368,14 @@ class KeyringSupervisor:
                 keyring = self._build_keyring(token, adopted)
             except (HsmUnavailable, LoginFailed) as exc:
                 self._adopt_for_reconnect(adopted)  # the labels were not the problem
-                self._on_failure(exc, generation)
-                raise
-            self._install(keyring, adopted)
+                self._on_failure(exc, token)
+                return None
+            self._install(adopted, keyring)
         self._observer.keyring_loaded(keyring)
         return keyring
 
     def _adopt_for_reconnect(self, config: PluginConfig) -> None:
-        with self._lock:
-            self._config = config
+        self._install(config)
         self._wake.set()
 
     # -- keyrings -------------------------------------------------------------------------------
@@ -371,26 +387,46 @@ class KeyringSupervisor:
                 f"{exc} (Primary_key, {config.where('primary_key')}): create it with `p11kms keys create "
                 f"--label {config.primary_key}` or correct Primary_key", ckr=exc.ckr) from exc
 
-    def _install(self, keyring: Keyring, config: PluginConfig | None = None) -> None:
-        """Makes ``keyring`` current. Callers hold the gate, so no reconnect runs meanwhile."""
+    def _install(self, config: PluginConfig, keyring: Keyring | None = None, *, based_on: int | None = None,
+                 token: Token | None = None) -> bool:
+        """The one way a config, and the keyring built from it, become current; raises the generation.
+
+        ``based_on`` is the generation at which ``config`` was read for the build: if anything was
+        installed since, nothing is installed and the answer is False. None installs in any case (a
+        reload: the newest config). With ``token`` (a reconnect), that token and the ready state too.
+        """
         with self._lock:
-            if config is not None:
-                self._config = config
-            self._keyring, self._last_key_id = keyring, keyring.key_id
-            self._known_uuids.update(keyring.known_uuids())
+            if based_on is not None and based_on != self._generation:
+                return False
+            self._generation += 1
+            self._config = config
+            if keyring is not None:
+                self._keyring, self._last_key_id = keyring, keyring.key_id
+                self._known_uuids.update(keyring.known_uuids())
+            if token is not None:
+                self._token = token
+                self._state, self._cause = HsmState.READY, "ok"
+            return True
+
+    def _config_now(self) -> tuple[PluginConfig, int]:
+        with self._lock:
+            return self._config, self._generation
 
     def _refresh_keyring(self, stale: Keyring, generation: int) -> Keyring:
         """Looks the configured keys up again on the same token (no reconnect), once for all callers."""
-        with self._refresh_lock:
+        with self._builds:
             with self._lock:
-                current, current_generation = self._keyring, self._generation
-            if current is not stale or current_generation != generation:
+                current, config, now = self._keyring, self._config, self._generation
+            if now != generation:  # another caller, a reload or a reconnect installed since
                 if current is None:
                     raise HsmUnavailable("the hsm connection is being repaired; retry")
-                return current  # another caller (or a reload) already did it
-            keyring = self._build_keyring(stale.token, self._config)
+                return current
+            keyring = self._build_keyring(stale.token, config)
             self._last_refresh = time.monotonic()
-            self._install(keyring)
+            if not self._install(config, keyring, based_on=generation):
+                # Only a reload that a waiting reconnect kept out of the gate gets here: the reconnect
+                # builds from its config, which this keyring does not follow.
+                raise HsmUnavailable("the keyring is being replaced by a reconnect; retry")
         log_keyring(self._log, keyring, "keyring refreshed")
         self._observer.keyring_loaded(keyring)
         return keyring
@@ -399,14 +435,15 @@ class KeyringSupervisor:
         """Closes the token and forgets the keyring built on it. Callers hold the gate exclusively."""
         with self._lock:
             token, self._token, self._keyring = self._token, None, None
+            self._generation += 1
         if token is not None:
             token.close()
 
     # -- failures and recovery ----------------------------------------------------------------
-    def _on_failure(self, exc: HsmError, generation: int) -> None:
+    def _on_failure(self, exc: HsmError, token: Token) -> None:
         with self._lock:
-            if generation != self._generation or self._state is not HsmState.READY:
-                return  # an older failure, or recovery already under way
+            if token is not self._token or self._state is not HsmState.READY:
+                return  # a failure on a token already replaced, or recovery already under way
         self._mark_down(exc, "hsm failure; reconnecting")
 
     def _record_failure(self, exc: BaseException) -> bool:
@@ -449,20 +486,19 @@ class KeyringSupervisor:
         else:
             self._retire_token()
             self._module.reinitialize()
-        config = self._config
+        config, _ = self._config_now()
         pin = self._read_pin(config)
         self._used_pin_digest = _digest(pin)
-        token = open_configured_token(config, pin)
+        token = open_configured_token(config, pin)  # module, token and PIN source: never changed by a reload
         try:
-            keyring = self._build_keyring(token, config)
+            while True:  # a reload that arrives during the build replaces the labels: build again
+                config, generation = self._config_now()
+                keyring = self._build_keyring(token, config)
+                if self._install(config, keyring, based_on=generation, token=token):
+                    break
         except BaseException:
             token.close()
             raise
-        self._install(keyring)
-        with self._lock:
-            self._token = token
-            self._generation += 1
-            self._state, self._cause = HsmState.READY, "ok"
         log_keyring(self._log, keyring, "keyring loaded")
         self._observer.keyring_loaded(keyring)
         self._observer.hsm_state(HsmState.READY.value)
