@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="gate: exit 0 only if objects were checked and all are on this key UUID; exit 1 and "
                            "list the objects that are not; exit 3 if nothing was checked")
     scan.add_argument("--resource", action="append",
-                      help="with --require: resource to check, e.g. secrets (repeatable; default: all that hold "
-                           "KMS v2 objects)")
+                      help="with --require: also check this resource, e.g. secrets, whose objects may all be in "
+                           "clear (repeatable; every resource holding KMS v2 objects is always checked)")
     scan.add_argument("--show", metavar="KEY", help="print one object's envelope (no decryption) and exit")
     scan.add_argument("--json", action="store_true", help="machine-readable report")
     scan.add_argument("--progress", action="store_true", help="show progress on stderr")
@@ -150,8 +150,8 @@ def _add_rotate_parsers(commands: argparse._SubParsersAction[argparse.ArgumentPa
     retire.add_argument("--cert", help="client certificate (PEM)")
     retire.add_argument("--key", help="client certificate key (PEM)")
     retire.add_argument("--prefix", default="/registry/", help="kube-apiserver's --etcd-prefix (default: %(default)s)")
-    retire.add_argument("--resource", action="append", help="resource to check (repeatable; default: all that "
-                                                            "hold KMS v2 objects)")
+    retire.add_argument("--resource", action="append", help="also check this resource (repeatable; every resource "
+                                                            "holding KMS v2 objects is always checked)")
     retire.add_argument("--force", action="store_true", help="retire even when the scan does not pass (loses data)")
     status.add_argument("--endpoint", help="the plugin's http://HOST:PORT or socket (default: from the config)")
     for step in (promote, status):

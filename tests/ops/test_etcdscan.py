@@ -174,8 +174,10 @@ def test_nothing_encrypted_and_no_resource_named_proves_nothing(etcd: str) -> No
     assert "--resource secrets" in result.stdout  # says how to make the gate check something
 
 
-def test_a_misspelt_resource_proves_nothing_and_names_the_close_one(etcd: str, keyspace: str) -> None:
-    result = run_scan(etcd, "--prefix", keyspace, "--require", NEW, "--resource", "secret")
+def test_a_misspelt_resource_proves_nothing_and_names_the_close_one(etcd: str) -> None:
+    prefix = fresh_prefix()
+    fill(etcd, prefix, {"secrets/default/x": None, "configmaps/default/c": CLEAR_SECRET})
+    result = run_scan(etcd, "--prefix", prefix, "--require", NEW, "--resource", "secret")
     assert result.returncode == EXIT_NOTHING_PROVEN, result.stdout
     assert "NOTHING PROVEN: no object of resource 'secret'" in result.stdout
     assert "did you mean secrets?" in result.stdout
@@ -201,7 +203,7 @@ def test_json_report_carries_the_gate(etcd: str, keyspace: str) -> None:
     assert result.returncode == EXIT_NOT_ON_KEY
     gate = json.loads(result.stdout)["gate"]  # stdout is one JSON document, gate included
     assert (gate["required_key"], gate["exit_code"], gate["verdict"]) == (NEW, 1, "not_on_key")
-    assert gate["checked"] == {"secrets": 5}
+    assert gate["checked"] == {"example.com/widgets": 1, "secrets": 5}  # --resource adds, never leaves one out
     assert {row["reason"] for row in gate["not_on_key"]} >= {"stored in clear (identity)"}
 
 
@@ -363,14 +365,28 @@ def test_gate_lists_each_object_off_the_key_with_its_reason() -> None:
                         "secrets/a/broken": b"k8s:enc:kms:v2:p11kms:\xff\xff",
                         "configmaps/a/broken": b"k8s:enc:kms:v2:p11kms:\xff\xff"})
     gate = require_key(report, NEW, {"secrets"})
-    assert (gate.exit_code, gate.checked) == (EXIT_NOT_ON_KEY, {"secrets": 5})
-    assert gate.lines[0] == f"FAIL: secrets: 4 of 5 objects are not on key {NEW}:"
+    # --resource adds a resource to the check, it never removes one that holds KMS v2 values:
+    # configmaps was not named but claims to be KMS v2, so it is checked too.
+    assert (gate.exit_code, gate.checked) == (EXIT_NOT_ON_KEY, {"configmaps": 1, "secrets": 5})
+    assert gate.lines[0] == f"FAIL: configmaps: 1 of 1 object is not on key {NEW}:"
+    assert f"FAIL: secrets: 4 of 5 objects are not on key {NEW}:" in gate.lines
     reasons = listed("\n".join(gate.lines))
     assert reasons["/registry/secrets/a/clear"] == "stored in clear (identity)"
     assert reasons["/registry/secrets/a/cbc"] == "encrypted by the aescbc provider, not KMS v2"
     assert reasons["/registry/secrets/a/old"] == f"on another key UUID {OLD} (provider p11kms)"
     assert reasons["/registry/secrets/a/broken"].startswith("corrupt KMS v2 value")
-    assert "/registry/configmaps/a/broken" not in reasons  # a resource that was not asked for
+    assert reasons["/registry/configmaps/a/broken"].startswith("corrupt KMS v2 value")
+
+
+def test_a_named_resource_never_hides_kms_objects_of_other_resources_on_another_key() -> None:
+    report = report_of({"secrets/a/on": None, "configmaps/a/old": kms_value(OLD, b"/registry/configmaps/a/old"),
+                        "configmaps/a/clear": CLEAR_SECRET, "events/a/e": b"{}"})
+    gate = require_key(report, NEW, {"secrets"})
+    assert gate.exit_code == EXIT_NOT_ON_KEY, gate.lines
+    assert listed("\n".join(gate.lines)) == {
+        "/registry/configmaps/a/old": f"on another key UUID {OLD} (provider p11kms)",
+        "/registry/configmaps/a/clear": "stored in clear (identity)"}
+    assert gate.checked == {"configmaps": 2, "secrets": 1}  # events: no KMS v2 object and not named
 
 
 def test_gate_reports_objects_off_the_key_before_an_empty_resource() -> None:

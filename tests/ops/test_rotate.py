@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from p11kms.hsm.keyident import fingerprint_uuid
+from p11kms.hsm.token import Token
+from p11kms.kube.etcd import EtcdClient
 from p11kms.ops.rotate import edit_labels
+from p11kms.plugin.keyring import Role, resolve_kek
+from tests.ops.test_etcdscan import kms_value
 from tests.support import TOKEN_LABEL, HsmEnv, PluginProcess, start_plugin, start_standin, unique_label, wait_until
 
 Keys = Callable[[], tuple[str, str]]
@@ -179,6 +184,40 @@ def test_retire_refuses_objects_left_and_an_empty_scan_then_passes(hsm_env: HsmE
     finally:
         api.stop()
         plugin.stop()
+
+
+def test_retire_refuses_while_any_resource_holds_objects_on_the_retired_key(hsm_env: HsmEnv, etcd: str, token: Token,
+                                                                        tmp_path: Path, new_key: Keys) -> None:
+    """--resource secrets must not let configmaps still on the retired key (its UUID or an alias) go unread."""
+    old_label, old_uuid = new_key()
+    new_label, new_uuid = new_key()
+    old_alias = str(fingerprint_uuid(token, token.key_attributes(token.find_one_secret_key(old_label)))[0])
+    aliases = resolve_kek(token, old_label, Role.SECONDARY).aliases  # the fingerprint and the pre-issue-10 rule's
+    assert old_alias in aliases
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", new_label, old_label)
+    prefix = f"/registry-{uuid.uuid4().hex[:8]}/"
+    client = EtcdClient([etcd])
+    for name, key_id in (("secrets/default/a", new_uuid), ("configmaps/default/on-old", old_uuid),
+                         ("configmaps/default/on-old-alias", old_alias)):
+        key = (prefix + name).encode()
+        client.put_if(key, kms_value(key_id, key), mod_revision=0)
+    before = config.read_bytes()
+    retire = ("rotate", "retire", old_label, "--config", str(config), "--etcd-endpoints", etcd, "--prefix", prefix)
+
+    refused = p11kms(hsm_env, *retire, "--resource", "secrets")
+    assert refused.returncode == 1, refused.stdout
+    assert f"2 objects are still on {old_label} (UUID {old_uuid}, aliases {', '.join(aliases)})" in refused.stderr
+    assert f"{prefix}configmaps/default/on-old: on another key UUID {old_uuid}" in refused.stderr
+    assert f"{prefix}configmaps/default/on-old-alias: on another key UUID {old_alias}" in refused.stderr
+    assert "nothing was written" in refused.stderr
+    assert config.read_bytes() == before
+    assert p11kms(hsm_env, *retire).returncode == 1  # and without --resource
+    assert config.read_bytes() == before
+
+    forced = p11kms(hsm_env, *retire, "--resource", "secrets", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert f"FORCED: {old_label} removed although 2 objects are still on it" in forced.stdout
+    assert old_label not in config.read_text()
 
 
 def test_rotate_status_shows_a_rejected_and_an_unloaded_config(hsm_env: HsmEnv, run_plugin: Run,

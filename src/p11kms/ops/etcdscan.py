@@ -72,6 +72,7 @@ class OffKey(NamedTuple):
 
     key: str
     reason: str
+    key_id: str | None = None  # the key UUID it is stored under, when it is a readable KMS v2 value
 
 
 @dataclass
@@ -106,12 +107,22 @@ class ScanReport:
             return
         self.kms[(sealed.provider, sealed.key_id, resource)] += 1
         if sealed.key_id != self.required:
-            self._off_key(resource, key_text, f"on another key UUID {sealed.key_id} (provider {sealed.provider})")
+            self._off_key(resource, key_text, f"on another key UUID {sealed.key_id} (provider {sealed.provider})",
+                          sealed.key_id)
 
-    def _off_key(self, resource: str, key: str, reason: str) -> None:
+    def _off_key(self, resource: str, key: str, reason: str, key_id: str | None = None) -> None:
         # Only a gated scan keeps names: an ungated scan of a large cluster would hold every key in memory.
         if self.required is not None:
-            self.off_key[resource].append(OffKey(key, reason))
+            self.off_key[resource].append(OffKey(key, reason, key_id))
+
+    def objects_under(self, key_ids: set[str]) -> list[OffKey]:
+        """Every KMS v2 object, of any resource, stored under one of ``key_ids`` (none of them the required key).
+
+        Only a gated scan (``required`` set) keeps the objects' names.
+        """
+        if self.required is None:
+            raise ValueError("only a scan with require= keeps the objects' names")
+        return [item for items in self.off_key.values() for item in items if item.key_id in key_ids]
 
     def by_key(self) -> dict[tuple[str, str], dict[str, int]]:
         """Object counts per resource, grouped by (provider, key UUID)."""
@@ -203,14 +214,15 @@ class GateResult:
 def require_key(report: ScanReport, require: str, resources: set[str] | None = None) -> GateResult:
     """The gate of ``etcd scan --require``: passes only when objects were checked and all are on the key.
 
-    Counts decide the verdict; the per-object list only explains it. With no ``resources``, the
-    resources that hold KMS v2 values are checked.
+    Counts decide the verdict; the per-object list only explains it. Every resource that holds KMS v2
+    values is checked; ``resources`` adds resources (whose objects may all still be in clear), it never
+    leaves one out: an object on another key, in any resource, keeps that key needed.
     """
     if report.required != require:
         raise ValueError(f"the report was scanned for key {report.required}, not {require}: "
                          "scan with require= the same key")
     counts = report.objects_per_resource()
-    checked = set(resources) if resources else report.encrypted_resources()
+    checked = set(resources or ()) | report.encrypted_resources()
     if not checked:
         return GateResult(EXIT_NOTHING_PROVEN, _nothing_checked(report, counts), require)
     empty = sorted(r for r in checked if not counts[r])
@@ -227,8 +239,7 @@ def require_key(report: ScanReport, require: str, resources: set[str] | None = N
     # The summary keeps the form scripts already read: "OK: every object of R is on key UUID".
     lines.append(f"OK: every object of {', '.join(present)} is on key {require} "
                  f"({_objects(sum(present.values()))} checked)")
-    if not resources:
-        lines += _unchecked_note(counts, set(present))
+    lines += _unchecked_note(counts, set(present))
     return GateResult(EXIT_PASSED, lines, require, present)
 
 

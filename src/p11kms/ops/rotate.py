@@ -26,7 +26,7 @@ from pathlib import Path
 from p11kms.config import ConfigError, PluginConfig, load_config, parse_settings
 from p11kms.hsm.errors import KeyNotFound
 from p11kms.ops import cluster
-from p11kms.ops.etcdscan import ScanReport, require_key
+from p11kms.ops.etcdscan import OffKey, ScanReport, require_key
 from p11kms.ops.keys import create_key
 from p11kms.plugin.configwatch import generation_of
 from p11kms.plugin.keyring import Keyring, Role, build_keyring, resolve_kek
@@ -294,9 +294,12 @@ def _require_staged(config: PluginConfig, label: str, endpoints: list[str], time
 # -- retire ----------------------------------------------------------------------------------------
 def retire(path: Path, label: str, report: ScanReport | None, *, resources: set[str] | None = None,
            force: bool = False) -> Outcome:
-    """LABEL leaves Secondary_key once the scan proves every checked object is on the primary key.
+    """LABEL leaves Secondary_key once the scan proves that no object, of any resource, is on LABEL's key
+    (its UUID or a decrypt-only alias) and every checked object is on the primary key.
 
     ``report`` must have been scanned with ``require=`` the primary's UUID (see :func:`primary_uuid`).
+    ``resources`` adds resources to the primary's gate (see :func:`require_key`); it never narrows the
+    question whether anything is still on LABEL.
     """
     current = load_config(path)
     if label == current.primary_key:
@@ -310,18 +313,30 @@ def retire(path: Path, label: str, report: ScanReport | None, *, resources: set[
         lines.append(f"FORCED: {label} removed from the config WITHOUT an etcd scan")
     else:
         assert report.required is not None
+        names = _names_of(current, label)
+        stranded = report.objects_under(set(names)) if names else []
         gate = require_key(report, report.required, resources)
-        if not gate.passed:
+        on_retired = _on_retired_lines(label, names, stranded)
+        if stranded or not gate.passed:
             if not force:
-                reason = ("the scan proved nothing (no object checked)" if gate.verdict == "nothing_proven" else
-                          "objects are not yet on the primary key, and some may be under this key")
+                if stranded:
+                    head = (f"{label} is still needed: {on_retired[0].removeprefix('FAIL: ')} They could no longer "
+                            "be read once it leaves the config; nothing was written.")
+                    explain = [*on_retired[1:], *(gate.lines if not gate.passed else [])]
+                else:
+                    reason = ("the scan proved nothing (no object checked)" if gate.verdict == "nothing_proven" else
+                              "objects are not yet on the primary key, and some may be under this key")
+                    head = f"{label} is still needed or nothing was proven: {reason}; nothing was written."
+                    explain = [*on_retired, *gate.lines]
                 raise RotateRefused("\n".join([
-                    f"{label} is still needed or nothing was proven: {reason}; nothing was written.", *gate.lines,
+                    head, *explain,
                     "Re-encrypt what is listed (p11kms etcd scan ... --rewrite-commands prints the commands), "
                     "then run retire again. --force removes it anyway and makes those objects unreadable"]))
-            lines += [f"FORCED: {label} removed although the etcd scan did not pass:", *gate.lines]
+            why = (f"{_objects(len(stranded))} {'is' if len(stranded) == 1 else 'are'} still on it" if stranded
+                   else "the etcd scan did not pass")
+            lines += [f"FORCED: {label} removed although {why}:", *on_retired, *gate.lines]
         else:
-            lines += gate.lines
+            lines += [*on_retired, *gate.lines]
     edit = Edit.of(path, lambda c: (c.primary_key, tuple(s for s in c.secondary_keys if s != label)))
     after = edit.write(lambda config: _keyring_of(config, lambda _: None))
     lines += _describe(edit.before, after)
@@ -333,6 +348,36 @@ def retire(path: Path, label: str, report: ScanReport | None, *, resources: set[
               "Utimaco: its administration tool, on every HSM of the cluster).",
               f"next: retire {label} on every other node (`p11kms cluster status` shows what each still decrypts)"]
     return Outcome(lines)
+
+
+def _names_of(config: PluginConfig, label: str) -> tuple[str, ...]:
+    """The UUID and decrypt-only aliases of ``label``'s key, as this config's HSM computes them (empty when the
+    key is not in the HSM)."""
+    found: list[tuple[str, ...]] = []
+
+    def look(keyring: Keyring) -> None:
+        found.extend((k.uuid, *k.aliases) for k in keyring.keys if k.label == label)
+        found.extend((m.uuid,) for m in keyring.missing if m.label == label and m.uuid is not None)
+
+    _keyring_of(config, look)
+    return found[0] if found else ()
+
+
+def _on_retired_lines(label: str, names: tuple[str, ...], stranded: list[OffKey]) -> list[str]:
+    if not names:
+        return [f"NOTE: {label} is not in this HSM, so its UUID is unknown here; only the primary's gate below "
+                "applies (objects under a key no HSM holds are unreadable already)"]
+    aliases = f", alias{'es' if len(names) > 2 else ''} {', '.join(names[1:])}" if names[1:] else ""
+    where = f"{label} (UUID {names[0]}{aliases})"
+    if not stranded:
+        return [f"OK: no object of any resource is on {where}"]
+    count = len(stranded)
+    return [f"FAIL: {_objects(count)} {'is' if count == 1 else 'are'} still on {where}:",
+            *(f"  {item.key}: {item.reason}" for item in stranded)]
+
+
+def _objects(count: int) -> str:
+    return f"{count} object" if count == 1 else f"{count} objects"
 
 
 def primary_uuid(path: Path) -> str:
