@@ -126,10 +126,12 @@ class PluginProcess:
 
 
 def start_plugin(env: HsmEnv, config: Path, *, wait: bool = True, cwd: Path | None = None,
-                 args: list[str] | None = None, extra_env: dict[str, str] | None = None) -> PluginProcess:
+                 args: list[str] | None = None, extra_env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> PluginProcess:
+    """Starts ``p11kms serve``; ``wrapper`` is a command it runs under (e.g. AS_PID_1)."""
     socket_path = _configured_socket(config)
     log_path = config.parent / f"plugin-{uuid.uuid4().hex[:6]}.log"
-    command = [sys.executable, "-m", "p11kms", "serve", *(args or ["--config", str(config)])]
+    command = [*(wrapper or []), sys.executable, "-m", "p11kms", "serve", *(args or ["--config", str(config)])]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 env=env.process_env(**(extra_env or {})), cwd=cwd)
@@ -137,6 +139,17 @@ def start_plugin(env: HsmEnv, config: Path, *, wait: bool = True, cwd: Path | No
     if wait:
         wait_until_serving(plugin)
     return plugin
+
+
+# Runs the command as PID 1 of a new PID namespace, as in a container (root only). unshare waits for it and
+# exits with its status; a signal to unshare is not passed on: signal the plugin itself (inner_pid).
+AS_PID_1 = ["unshare", "--pid", "--fork", "--kill-child=SIGTERM"]
+
+
+def inner_pid(plugin: PluginProcess) -> int:
+    """The host pid of the process a wrapper such as AS_PID_1 started (its only child)."""
+    pid = plugin.proc.pid
+    return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
 
 
 def _configured_socket(config: Path) -> Path:

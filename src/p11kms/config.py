@@ -24,9 +24,9 @@ DEFAULT_SOCKET = "/run/p11kms/kms.sock"
 DEFAULT_HTTP_PORT = 8095
 # sun_path holds 108 bytes including the terminating NUL; grpc refuses longer paths only at bind time.
 MAX_SOCKET_PATH_BYTES = 107
-# serve first binds a private name of at most this many bytes beside the socket (a dot and its pid),
-# so the directory must leave room for it too.
-STAGING_NAME_BYTES = 8
+# serve first binds a private name of this many bytes beside the socket (a dot, a digest of the socket's
+# name, a dot and random hex: plugin/server.py staging_path), so the directory must leave room for it too.
+STAGING_NAME_BYTES = 16
 # Mode of a socket directory serve creates: nothing for others, like Socket_Mode, and the same as the
 # systemd unit's RuntimeDirectoryMode and the static pod's init container.
 SOCKET_DIRECTORY_MODE = 0o750

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,10 +23,12 @@ import pytest
 
 from p11kms.plugin.server import CallExecutor, WorkerSizer
 from tests.support import (
+    AS_PID_1,
     FaultControl,
     HsmEnv,
     PluginProcess,
     SetClock,
+    inner_pid,
     start_fault_plugin,
     start_plugin,
     thread_count,
@@ -526,6 +529,37 @@ def test_two_plugins_started_together_leave_exactly_one_serving(hsm_env: HsmEnv,
             for plugin in pair:
                 plugin.stop()
     print(f"rounds won: {wins}")
+
+
+def test_a_plugin_that_is_pid_1_never_takes_the_staging_name_of_another_pid_1_in_its_socket_directory(
+        hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    """Two containers (each plugin PID 1) with different sockets in one hostPath directory, started together."""
+    label, key_uuid = new_key()
+    directory = tmp_path / "run-p11kms"
+    directory.mkdir()
+    # The other plugin, PID 1 in its own container, has bound its socket under the private name the
+    # pid gave it and has not yet published it: a live listening socket.
+    other_staging = directory / ".1"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(other_staging))
+    other.listen(1)
+    other_inode = os.lstat(other_staging).st_ino
+    config = hsm_env.write_config(tmp_path / "b.cfg", label, Socket=str(directory / "b.sock"))
+    plugin = start_plugin(hsm_env, config, wrapper=AS_PID_1)
+    try:
+        ns_pids = Path(f"/proc/{inner_pid(plugin)}/status").read_text().split("NSpid:")[1].split("\n")[0].split()
+        assert ns_pids[-1] == "1", ns_pids  # the plugin is PID 1 in its namespace
+        assert plugin.client().status().key_id == key_uuid
+        assert other_staging.exists() and os.lstat(other_staging).st_ino == other_inode, \
+            "the plugin bound, and then removed, the other plugin's socket"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(other_staging))
+        assert sorted(p.name for p in directory.iterdir()) == [".1", "b.sock", "b.sock.lock"]
+    finally:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError, IndexError):
+            os.kill(inner_pid(plugin), signal.SIGTERM)
+        assert plugin.proc.wait(20) == 0, plugin.log()
+        other.close()
 
 
 def test_a_plugin_started_right_after_sigterm_ends_up_serving(hsm_env: HsmEnv, faults: FaultControl,

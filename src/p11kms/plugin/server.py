@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import faulthandler
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import stat
@@ -94,8 +96,14 @@ def staging_path(path: Path) -> Path:
     grpcio unlinks whatever sits at the path it binds, and unlinks that path again when it stops,
     whoever owns the file by then. Bound to a private name that is gone once published, it can
     neither take over a live socket nor delete a successor's.
+
+    The name is ``.`` + a digest of the socket's file name + random bytes, never the pid: in a
+    container p11kms is PID 1, so plugins with different sockets in one hostPath directory would
+    all pick ``.1`` and bind over each other. The digest keeps different sockets apart, the random
+    part one socket's successive starts.
     """
-    staged = path.with_name(f".{os.getpid()}")
+    named = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
+    staged = path.with_name(f".{named}.{secrets.token_hex(3)}")
     assert len(staged.name) <= STAGING_NAME_BYTES  # config loading left room for exactly this much
     return staged
 
