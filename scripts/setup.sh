@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what p11kms needs on a fresh Debian/Ubuntu machine and the project into .venv.
 #   scripts/setup.sh          runtime: SoftHSM2 and the plugin
-#   scripts/setup.sh --dev    also the test tools: OpenSC, p11-kit, etcd, compilers, dev extras
+#   scripts/setup.sh --dev    also the test tools: OpenSC, p11-kit, etcd, compilers, dev extras, and the real
+#                             kube-apiserver, kubectl and etcd built from source (scripts/build-k8s.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,4 +60,5 @@ fi
 
 if [[ "${1:-}" == "--dev" ]]; then
   PYTHON=.venv/bin/python scripts/build-p11kit.sh
+  scripts/build-k8s.sh
 fi

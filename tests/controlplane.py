@@ -1,0 +1,224 @@
+"""A real Kubernetes control plane for tests: etcd and kube-apiserver built from their own source by
+scripts/build-k8s.sh, started on free ports, with p11kms as a KMS v2 provider.
+
+In the manner of controller-runtime's envtest: each process gets its own directory, its own ports, a
+throwaway PKI, and is stopped (and waited for) when the test is done. Nothing is disabled that KMS
+uses: kube-apiserver runs its health checks, its EncryptionConfiguration reload and its Status poller
+exactly as on a node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support import ROOT, free_port
+from tests.tls_certs import make_control_plane_pki
+
+# scripts/build-k8s.sh links its newest build here; scripts/k8s-compat.sh points tests at other releases.
+K8S_BIN = Path(os.environ.get("P11KMS_K8S_BIN") or ROOT / ".cache" / "k8s" / "bin")
+PROVIDER = "p11kms"
+
+
+def k8s_binary(name: str) -> Path:
+    """A binary scripts/build-k8s.sh built; the real-apiserver tests fail, not skip, when it is missing."""
+    path = K8S_BIN / name
+    if not path.exists():
+        raise AssertionError(f"{path} is missing: run scripts/build-k8s.sh (scripts/setup.sh --dev runs it)")
+    return path
+
+
+def encryption_config(socket: Path, resources: tuple[str, ...] = ("secrets",), *, name: str = PROVIDER,
+                      timeout: str = "3s", kms_first: bool = True) -> str:
+    """An EncryptionConfiguration naming p11kms as the KMS v2 provider of ``resources``; identity stays
+    as the last provider so objects written before KMS stay readable (the documented set-up)."""
+    kms = f"      - kms: {{apiVersion: v2, name: {name}, endpoint: 'unix://{socket}', timeout: {timeout}}}\n"
+    identity = "      - identity: {}\n"
+    return ("apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n"
+            f"  - resources: [{', '.join(resources)}]\n    providers:\n"
+            + (kms + identity if kms_first else identity + kms))
+
+
+@dataclass
+class Process:
+    """One control-plane process and the file its output goes to."""
+
+    command: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            # A session of its own: stop() can signal the whole group and leave nothing behind.
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class ControlPlane:
+    """etcd + kube-apiserver, and kubectl configured as a cluster admin."""
+
+    directory: Path
+    etcd_url: str
+    url: str
+    etcd: Process
+    apiserver: Process
+    encryption_config_path: Path
+    pki: dict[str, Path]
+    started: list[float] = field(default_factory=list)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / "kubeconfig"
+
+    def env(self) -> dict[str, str]:
+        path = f"{K8S_BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # the kubectl of the same release
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HOME": str(self.directory), "PATH": path}
+
+    def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(k8s_binary("kubectl")), *args], env=self.env(), input=stdin,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def shell(self, pipeline: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Runs a command line exactly as an operator types it, pipes included."""
+        return subprocess.run(pipeline, shell=True, env=self.env(), capture_output=True, text=True, timeout=timeout)
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        """GET on the apiserver as the admin; returns the status code and the body."""
+        context = ssl.create_default_context(cafile=str(self.pki["ca"]))
+        context.load_cert_chain(str(self.pki["admin_cert"]), str(self.pki["admin_key"]))
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout, context=context) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def kms_health(self) -> tuple[int, str]:
+        """kube-apiserver's own check of its KMS providers (one check while automatic reload is on)."""
+        return self.get("/healthz/kms-providers")
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of the apiserver's /metrics, summed over the series that carry ``labels``."""
+        status, body = self.get("/metrics")
+        assert status == 200, body[:500]
+        total, seen = 0.0, False
+        for line in body.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{key}="{value}"' in line for key, value in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+        return total if seen else None
+
+    def wait_ready(self, seconds: float = 120) -> None:
+        end = time.monotonic() + seconds
+        last = "not asked"
+        while time.monotonic() < end:
+            if not self.apiserver.running():
+                raise AssertionError(f"kube-apiserver exited:\n{self.apiserver.log()[-6000:]}")
+            try:
+                status, body = self.get("/readyz", timeout=5)
+                if status == 200:
+                    return
+                last = body
+            except (OSError, ssl.SSLError) as exc:
+                last = str(exc)
+            time.sleep(0.25)
+        raise AssertionError(f"kube-apiserver not ready in {seconds}s: {last}\n{self.apiserver.log()[-6000:]}")
+
+    def restart_apiserver(self) -> float:
+        """Stops kube-apiserver and starts it again on the same etcd; returns seconds until ready."""
+        self.apiserver.stop()
+        started = time.monotonic()
+        self.apiserver.start()
+        self.wait_ready()
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        self.apiserver.stop()
+        self.etcd.stop()
+
+
+def start_etcd(directory: Path) -> tuple[Process, str]:
+    """etcd of the release kube-apiserver supports (the Debian one is too old for its health checks)."""
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    etcd = Process([str(k8s_binary("etcd")), "--name", "p11kms-cp", "--data-dir", str(directory / "etcd-data"),
+                    "--listen-client-urls", client, "--advertise-client-urls", client,
+                    "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                    "--initial-cluster", f"p11kms-cp={peer}", "--log-level", "warn"],
+                   directory / "etcd.log")
+    etcd.start()
+    return etcd, client
+
+
+def start_control_plane(directory: Path, encryption: str) -> ControlPlane:
+    """Starts etcd and kube-apiserver with ``encryption`` as its EncryptionConfiguration (reloaded
+    automatically when the file changes) and waits until /readyz passes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pki_dir = directory / "pki"
+    pki_dir.mkdir(exist_ok=True)
+    pki = make_control_plane_pki(pki_dir)
+    config_path = directory / "encryption-config.yaml"
+    config_path.write_text(encryption)
+    etcd, etcd_url = start_etcd(directory)
+    port = free_port()
+    apiserver = Process([
+        str(k8s_binary("kube-apiserver")),
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+        f"--etcd-servers={etcd_url}",
+        f"--tls-cert-file={pki['apiserver_cert']}", f"--tls-private-key-file={pki['apiserver_key']}",
+        f"--client-ca-file={pki['ca']}",
+        "--authorization-mode=RBAC",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        # The loopback address may not be published as the `kubernetes` service's endpoint; a single test
+        # apiserver has no peers to publish it to (envtest does the same).
+        "--endpoint-reconciler-type=none",
+        "--service-account-issuer=https://kubernetes.default.svc",
+        f"--service-account-key-file={pki['service_account_pub']}",
+        f"--service-account-signing-key-file={pki['service_account_key']}",
+        f"--encryption-provider-config={config_path}",
+        "--encryption-provider-config-automatic-reload",
+        f"--cert-dir={directory / 'certs'}",
+        "--v=2",
+    ], directory / "kube-apiserver.log")
+    plane = ControlPlane(directory, etcd_url, f"https://127.0.0.1:{port}", etcd, apiserver, config_path, pki)
+    plane.kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "p11kms", "cluster": {"server": plane.url, "certificate-authority": str(pki["ca"])}}],
+        "users": [{"name": "admin", "user": {"client-certificate": str(pki["admin_cert"]),
+                                             "client-key": str(pki["admin_key"])}}],
+        "contexts": [{"name": "p11kms", "context": {"cluster": "p11kms", "user": "admin"}}],
+        "current-context": "p11kms",
+    }))
+    apiserver.start()
+    try:
+        plane.wait_ready()
+    except BaseException:
+        plane.stop()
+        raise
+    return plane
