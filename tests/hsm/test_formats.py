@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from p11kms.hsm.keyident import key_uuid
+from p11kms.hsm.keyident import create_kek, key_uuid
 from p11kms.hsm.module import Pkcs11Module
 from p11kms.hsm.provision import init_token
 from p11kms.hsm.token import Token, open_token
@@ -49,14 +49,30 @@ def import_key(token: Token, cka_id: bytes = b"", **usage: bool) -> str:
     (STORED_UUID.encode(), {}, (STORED_UUID, "cka_id")),
     (b"", {}, (ECB_KCV_UUID, "ecb-kcv")),
     (b"\x0a\x0b\x0c", {}, (ECB_KCV_UUID, "ecb-kcv")),  # a CKA_ID that is not UUID text does not count
-    (b"", {"encrypt": False, "sign": True}, (CMAC_UUID, "cmac")),  # no ECB encryption allowed
-    (b"", {"encrypt": False}, (ECB_DEC_UUID, "ecb-dec")),  # decrypt-only: before issue 10 it had no UUID
+    # A key that does not allow encryption has the same ecb-kcv UUID, through AES-CTR decryption (issue 20):
+    # its UUID must not depend on its usage flags. Up to issue 20 these two got CMAC_UUID and ECB_DEC_UUID,
+    # under which nothing can be stored (a key that never encrypts never wrote a DEK seed); each stays a
+    # decrypt-only alias (test_the_old_rules_uuid_of_a_key_that_cannot_encrypt_stays_an_alias).
+    (b"", {"encrypt": False, "sign": True}, (ECB_KCV_UUID, "ecb-kcv")),
+    (b"", {"encrypt": False}, (ECB_KCV_UUID, "ecb-kcv")),
 ])
 def test_known_key_material_gets_exactly_the_documented_uuid(token: Token, cka_id: bytes, usage: dict[str, bool],
                                                              expected: tuple[str, str]) -> None:
     attrs = token.key_attributes(token.find_one_secret_key(import_key(token, cka_id, **usage)))
     found, source = key_uuid(token, attrs)
     assert (str(found), source) == expected
+
+
+@pytest.mark.parametrize(("usage", "old_rule"), [({"encrypt": False, "sign": True}, CMAC_UUID),
+                                                 ({"encrypt": False}, ECB_DEC_UUID)])
+def test_the_old_rules_uuid_of_a_key_that_cannot_encrypt_stays_an_alias(token: Token, usage: dict[str, bool],
+                                                                        old_rule: str) -> None:
+    primary = unique_label("primary")
+    create_kek(token, primary)
+    keyring = build_keyring(token, primary, [import_key(token, b"", **usage)])
+    old_secondary = keyring.keys[1]
+    assert (old_secondary.uuid, old_secondary.aliases) == (ECB_KCV_UUID, (old_rule,))
+    assert keyring.key_for(old_rule) is old_secondary
 
 
 def test_data_stored_under_the_old_gcm_uuid_still_opens(token: Token) -> None:

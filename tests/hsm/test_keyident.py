@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from p11kms.hsm.keyident import key_uuid, uuid_from_cka_id
+from p11kms.hsm.ckdefs import CKA_ENCRYPT, CKA_SIGN
+from p11kms.hsm.keyident import create_kek, key_uuid, uuid_from_cka_id
 from p11kms.hsm.module import Pkcs11Module
 from p11kms.hsm.token import Token, open_token
 from p11kms.plugin.keyring import UnsuitableKey, build_keyring
@@ -93,3 +95,27 @@ def test_a_key_whose_fingerprint_is_not_deterministic_is_refused(private_fault_m
         noisy.close()
     finally:
         module.finalize()
+
+
+def test_a_keys_uuid_does_not_change_when_its_usage_attributes_do(token: Token) -> None:
+    """A common hardening clears CKA_ENCRYPT (and CKA_SIGN) on an old, now decrypt-only key: kube-apiserver
+    stored its key_id while it encrypted, so its UUID must stay the same and its data must still open."""
+    label = unique_label("hardened")
+    handle = token.import_aes_key(label, bytes(range(32)), sign=True)
+    primary = build_keyring(token, label, [])
+    sealed = primary.encrypt(b"s" * 32)
+    before = primary.key_id
+    for attribute in (CKA_ENCRYPT, CKA_SIGN):  # on its own: ecb-kcv -> cmac; both: -> ecb-dec (the old rule)
+        token.set_key_flag(handle, attribute, False)
+        attrs = token.key_attributes(handle)
+        assert key_uuid(token, attrs) == (uuid.UUID(before), "ecb-kcv")
+        keyring = build_keyring(token, primary_label(token), [label])
+        assert keyring.decrypt(sealed, before) == b"s" * 32
+    token.set_key_flag(handle, CKA_ENCRYPT, True)
+    assert str(key_uuid(token, token.key_attributes(handle))[0]) == before
+
+
+def primary_label(token: Token) -> str:
+    label = unique_label("primary")
+    create_kek(token, label)
+    return label

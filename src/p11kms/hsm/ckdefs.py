@@ -128,6 +128,7 @@ CKO_SECRET_KEY = 4
 CKK_AES = 0x1F
 CKM_AES_KEY_GEN = 0x1080
 CKM_AES_ECB = 0x1081
+CKM_AES_CTR = 0x1086
 CKM_AES_CMAC = 0x108A
 CKM_AES_GCM = 0x1087
 
@@ -210,6 +211,10 @@ class CK_GCM_PARAMS(ctypes.Structure):
         ("ulAADLen", CK_ULONG),
         ("ulTagBits", CK_ULONG),
     ]
+
+
+class CK_AES_CTR_PARAMS(ctypes.Structure):
+    _fields_ = [("ulCounterBits", CK_ULONG), ("cb", ctypes.c_ubyte * 16)]
 
 
 # The function list in the standard's order; the struct offsets depend on it.

@@ -188,6 +188,12 @@ class Pkcs11Module:
             )
         return matches[0]
 
+    def mechanism_flags(self, slot: int, mechanism: int) -> int:
+        """The CKF_ flags the module reports for ``mechanism`` on ``slot``; 0 when it offers or reports none."""
+        info = ck.CK_MECHANISM_INFO()
+        rv = self.call_rv("C_GetMechanismInfo", slot, mechanism, ctypes.byref(info))
+        return int(info.flags) if rv == ck.CKR_OK else 0
+
     def supports_gcm(self, slot: int) -> bool:
         info = ck.CK_MECHANISM_INFO()
         rv = self.call_rv("C_GetMechanismInfo", slot, ck.CKM_AES_GCM, ctypes.byref(info))

@@ -139,6 +139,19 @@ class _PlainMechanism:
         self.mechanism = ck.CK_MECHANISM(mechanism=mechanism)
 
 
+class _CtrMechanism:
+    """CKM_AES_CTR whose whole 16-byte counter block is given."""
+
+    def __init__(self, counter_block: bytes) -> None:
+        self._params = ck.CK_AES_CTR_PARAMS(ulCounterBits=128)
+        ctypes.memmove(self._params.cb, counter_block, AES_BLOCK_BYTES)
+        self.mechanism = ck.CK_MECHANISM(
+            mechanism=ck.CKM_AES_CTR,
+            pParameter=ctypes.cast(ctypes.byref(self._params), ctypes.c_void_p),
+            ulParameterLen=ctypes.sizeof(self._params),
+        )
+
+
 class _SessionPool:
     """Work sessions lent one per operation (``None``: not opened yet).
 
@@ -518,6 +531,11 @@ class Token:
         template = _Template([(ck.CKA_ID, cka_id)])
         self.run(lambda s: self.module.call("C_SetAttributeValue", s, handle, template.array, len(template)))
 
+    def set_key_flag(self, handle: int, attribute: int, value: bool) -> None:
+        """Sets one CK_BBOOL attribute of a key (CKA_ENCRYPT, CKA_WRAP, ...), where the module allows the change."""
+        template = _Template([(attribute, _bool_byte(value))])
+        self.run(lambda s: self.module.call("C_SetAttributeValue", s, handle, template.array, len(template)))
+
     # -- fingerprints -------------------------------------------------------------------------
     def aes_ecb_block(self, key: int, block: bytes, *, decrypt: bool = False) -> bytes:
         """One AES block through CKM_AES_ECB: a deterministic function of the key (a key check value)."""
@@ -527,6 +545,22 @@ class Token:
         if decrypt:
             return self._crypt("C_DecryptInit", "C_Decrypt", key, mech, block, AES_BLOCK_BYTES)
         return self._crypt("C_EncryptInit", "C_Encrypt", key, mech, block, AES_BLOCK_BYTES)
+
+    def aes_block_by_ctr_decryption(self, key: int, block: bytes) -> bytes:
+        """The AES encryption of one block, as CKM_AES_ECB encryption gives it, computed by a decryption.
+
+        CKM_AES_CTR decryption XORs the encryption of its counter block into the data; with ``block``
+        as the counter block and 16 zero bytes as the data, the result is AES_K(block). So a key that
+        only allows decryption (CKA_ENCRYPT false) still yields its key check value.
+        """
+        if len(block) != AES_BLOCK_BYTES:
+            raise ValueError("the counter block is exactly one 16-byte block")
+        return self._crypt("C_DecryptInit", "C_Decrypt", key, _CtrMechanism(block), bytes(AES_BLOCK_BYTES),
+                           AES_BLOCK_BYTES)
+
+    def offers(self, mechanism: int, flag: int) -> bool:
+        """Whether the module reports ``mechanism`` with ``flag`` (CKF_ENCRYPT, ...) for this token's slot."""
+        return bool(self.module.mechanism_flags(self.info.slot, mechanism) & flag)
 
     def aes_cmac(self, key: int, message: bytes) -> bytes:
         """The full 16-byte CKM_AES_CMAC of ``message``: a deterministic function of the key."""
@@ -622,7 +656,7 @@ class Token:
         mech = _GcmMechanism(iv, aad)
         return self._crypt("C_DecryptInit", "C_Decrypt", key, mech, sealed, len(sealed))
 
-    def _crypt(self, init_function: str, function: str, key: int, mech: _GcmMechanism | _PlainMechanism,
+    def _crypt(self, init_function: str, function: str, key: int, mech: _GcmMechanism | _PlainMechanism | _CtrMechanism,
                data: bytes, out_len: int) -> bytes:
         source = ck.byte_buffer(data)
         # Room for one extra block: some modules ask for more than the exact GCM output size.
