@@ -3,6 +3,10 @@
 Names follow Prometheus conventions (``p11kms_`` prefix, base units, ``_total`` counters). Labels carry
 method names, gRPC codes, PKCS#11 function and return-code names, key UUIDs and labels: never a PIN,
 a payload or a plaintext.
+
+Every label set known in advance is exported at zero from the start (each method with each code the
+service answers, reload and reconnect results, each configured key as missing or not): a counter
+whose series is born at 1 has an ``increase()`` of 0, so the first event would fire no alert.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from p11kms.hsm.errors import ckr_name
 from p11kms.observability import build_info
 from p11kms.plugin.keyring import Keyring
+from p11kms.plugin.service import ANSWER_CODES, CHECK_PROBE_CODE, METHODS
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -87,6 +92,14 @@ class Metrics:
         self.check_probes = Counter("p11kms_check_probes", "The deliberate unknown-key_id Decrypts of `p11kms check`, "
                                     "by gRPC code; kept out of p11kms_grpc_requests_total so alerts do not see them.",
                                     ["code"], registry=r)
+        for method in METHODS:
+            self._request_seconds(method)
+            for code in ANSWER_CODES:
+                self._requests(method, code)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+            self.reconnects.labels(result)
+        self.check_probes.labels(CHECK_PROBE_CODE)
 
     # HsmObserver
     def pkcs11_call(self, function: str, seconds: float, rv: int) -> None:
@@ -104,6 +117,8 @@ class Metrics:
         self.configured.labels("primary").set(1)
         self.configured.labels("secondary").set(len(keyring.secondaries))
         self.missing.clear()
+        for kek in keyring.keys:  # 0: present; so that a key going missing later changes a series, not starts one
+            self.missing.labels(kek.label, kek.role.value).set(0)
         for missing in keyring.missing:
             self.missing.labels(missing.label, missing.role.value).set(1)
         self.weak_key.clear()

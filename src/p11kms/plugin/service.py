@@ -41,6 +41,7 @@ _NO_DEADLINE = 86400.0  # gRPC reports "no deadline" as centuries left
 # `p11kms check` sends one Decrypt with a key_id it made up, to see it refused. That refusal is counted
 # in p11kms_check_probes_total and logged at INFO, never as the unknown-key_id error alerts watch for.
 CHECK_PROBE_KEY_ID_PREFIX = "p11kms-check-unknown-"
+CHECK_PROBE_CODE = grpc.StatusCode.FAILED_PRECONDITION.name  # the one code counted as a probe's answer
 _Reply = TypeVar("_Reply")
 _Result = TypeVar("_Result")
 
@@ -165,6 +166,13 @@ class HsmAdmission:
             self._changed.notify()
 
 
+METHODS = ("Status", "Encrypt", "Decrypt")
+# Every code an RPC of this service ends with: OK and what status_for gives.
+ANSWER_CODES = tuple(code.name for code in (
+    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL))
+
+
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """Maps every error the layers below raise to a gRPC status code and a message for the caller."""
     match exc:
@@ -240,7 +248,7 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
             reply = work()
         except Exception as exc:
             code, message = status_for(exc)
-            if probe and code is grpc.StatusCode.FAILED_PRECONDITION:
+            if probe and code.name == CHECK_PROBE_CODE:
                 self._observer.check_probe(code.name)
                 log_event(self._log, logging.INFO, "refused the unknown key_id of a p11kms check probe, as expected",
                           uid=uid or "-", code=code.name)
