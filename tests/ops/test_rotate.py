@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import http.server
 import os
 import stat
 import subprocess
 import sys
+import threading
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +146,96 @@ def test_promote_requires_the_key_staged_on_the_nodes_given(hsm_env: HsmEnv, tmp
     promoted = p11kms(hsm_env, "rotate", "promote", new_label, "--config", str(config),
                       "--require-staged-on", f"{other.http_url()},{other.socket}")
     assert promoted.returncode == 0, promoted.stderr
+
+
+class EditingProxy:
+    """Forwards HTTP requests to a real plugin; the first one runs another ``p11kms`` command before it is
+    forwarded, as an operator on another terminal would while this node's promote waits on the network."""
+
+    def __init__(self, target: str, edit: Callable[[], str]) -> None:
+        edits: list[str] = []
+        self.edits = edits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if not edits:
+                    edits.append(edit())
+                with urllib.request.urlopen(target + self.path, timeout=10) as answer:
+                    body = answer.read()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("editor", ["rotate promote", "config management"])
+def test_promote_refuses_when_the_keys_changed_during_its_network_checks(hsm_env: HsmEnv, tmp_path: Path,
+                                                                        run_plugin: Run, new_key: Keys,
+                                                                        editor: str) -> None:
+    """promote used the old primary of its first read, before --require-staged-on's round trips: an edit made
+    meanwhile was undone (config management's new primary vanished from the file, its data unreadable) or
+    refused for a reason that had nothing to do with it (another promote: 'lists ... twice')."""
+    old_label, new_label, other_label = new_key()[0], new_key()[0], new_key()[0]
+    node = run_plugin(old_label, f"{new_label}, {other_label}", config_name="node.cfg")  # staged both
+    config = vendor_config(hsm_env, tmp_path, old_label)
+    assert p11kms(hsm_env, "rotate", "stage", new_label, "--config", str(config)).returncode == 0
+    assert p11kms(hsm_env, "rotate", "stage", other_label, "--config", str(config)).returncode == 0
+
+    def edit() -> str:
+        if editor == "rotate promote":
+            done = p11kms(hsm_env, "rotate", "promote", other_label, "--config", str(config))
+            return f"exit {done.returncode} {done.stderr}"
+        text = config.read_text().replace(f"=  {old_label}   #", f"=  {other_label}   #")
+        staging = config.with_name("cm.tmp")
+        staging.write_text(text.replace(f"{other_label}, {new_label}", new_label))  # a whole new file, renamed
+        os.replace(staging, config)
+        return "exit 0 "
+
+    proxy = EditingProxy(node.http_url(), edit)
+    try:
+        promoted = p11kms(hsm_env, "rotate", "promote", new_label, "--config", str(config),
+                          "--require-staged-on", proxy.url)
+    finally:
+        proxy.close()
+    assert proxy.edits[0].startswith("exit 0 "), proxy.edits[0]
+    after = config.read_text()
+    assert f"Primary_key   =  {other_label}" in after and new_label in after, after  # the edit made meanwhile
+    assert promoted.returncode == 1, (promoted.stdout, after)
+    assert "changed while rotate ran" in promoted.stderr and "nothing was written" in promoted.stderr
+
+
+def test_a_rotate_command_waits_for_the_one_editing_the_same_config(hsm_env: HsmEnv, tmp_path: Path,
+                                                                    new_key: Keys) -> None:
+    """Two rotate commands on one config take turns (an exclusive flock on the config's directory), so
+    neither replaces the file between the other's last read and its rename."""
+    old_label, new_label = new_key()[0], new_key()[0]
+    config = vendor_config(hsm_env, tmp_path, old_label)
+    before = config.read_bytes()
+    holder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as another rotate command holds it while it edits
+    try:
+        waiting = subprocess.Popen([sys.executable, "-m", "p11kms", "rotate", "stage", new_label, "--config",
+                                    str(config)], env=hsm_env.process_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(3)
+        assert config.read_bytes() == before
+    finally:
+        os.close(holder)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert f"Secondary_key   =  {new_label}" in config.read_text()
 
 
 def test_retire_refuses_objects_left_and_an_empty_scan_then_passes(hsm_env: HsmEnv, etcd: str, tmp_path: Path,

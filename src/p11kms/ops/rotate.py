@@ -5,7 +5,9 @@ file (before the first section, or ``[KMSPlugin]``); every other byte, the vendo
 sections and every comment included, stays as it was. The new file is written beside the old one,
 checked (parsed as the plugin parses it, and its keys looked up in the HSM), fsynced and renamed
 over the old one with the old mode and owner, so the plugin's file watch sees either the old or
-the new file, never half of one.
+the new file, never half of one. Commands take turns (an exclusive flock on the file's directory) and,
+under that lock, read the file again: one whose key lines changed since it read and checked them
+(another command, an editor, config management) writes nothing.
 
 - ``stage LABEL``: LABEL joins the decrypt-only keys (phase 1, on every node).
 - ``promote LABEL``: LABEL encrypts, the old primary joins the decrypt-only keys (phase 2, on every
@@ -16,10 +18,13 @@ the new file, never half of one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from p11kms.plugin.supervisor import open_configured_token
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
+LOCK_WAIT_SECONDS = 60.0  # how long a rotate command waits for another one editing a config in the same directory
 
 _SETTING = re.compile(r"^(?P<indent>\s*)(?P<name>[^=\s]+)(?P<sep>\s*=\s*)(?P<value>.*?)"
                       r"(?P<comment>\s+[#;].*)?(?P<eol>\r?\n)?$", re.DOTALL)
@@ -111,6 +117,36 @@ def _editable_path(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
+@contextlib.contextmanager
+def _config_lock(path: Path, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+    """Rotate commands editing a config take turns: an exclusive ``flock`` on the directory that holds the file.
+
+    The directory, not a lock file, so nothing is left beside the config; the kernel drops the lock of a
+    process that dies. A command waits up to ``wait`` seconds for another one, then refuses.
+    """
+    directory = _editable_path(path).parent
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RotateRefused(f"another command has held the lock on {directory} for {wait:.0f} s (another "
+                                        "p11kms rotate editing a config there); nothing was written: run the command "
+                                        "again when it has finished") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _labels(config: PluginConfig) -> tuple[str, tuple[str, ...]]:
+    return config.primary_key, config.secondary_keys
+
+
 @dataclass
 class Edit:
     """A change of this node's config, checked before it is written."""
@@ -121,11 +157,29 @@ class Edit:
     new_text: str
 
     @classmethod
-    def of(cls, path: Path, change: Callable[[PluginConfig], tuple[str, tuple[str, ...]]]) -> Edit:
+    def of(cls, path: Path, change: Callable[[PluginConfig], tuple[str, tuple[str, ...]]],
+           read: PluginConfig | None = None) -> Edit:
+        """The edit of the file as it is now; refused when its keys are no longer those of ``read``, the config
+        the command checked (the staged keys on other nodes, the etcd scan) before it got here."""
         before = load_config(path)
         original = _editable_path(path).read_bytes()
+        if read is not None and _labels(before) != _labels(read):
+            raise RotateRefused(
+                f"{path} changed while rotate ran: Primary_key {read.primary_key} -> {before.primary_key}, "
+                f"Secondary_key {', '.join(read.secondary_keys) or '(none)'} -> "
+                f"{', '.join(before.secondary_keys) or '(none)'}; nothing was written: check the file and run the "
+                "command again")
         primary, secondaries = change(before)
         return cls(path, before, original, edit_labels(original.decode("utf-8"), primary, secondaries))
+
+    @classmethod
+    def apply(cls, path: Path, read: PluginConfig, change: Callable[[PluginConfig], tuple[str, tuple[str, ...]]],
+              check: Callable[[PluginConfig], None]) -> tuple[Edit, PluginConfig]:
+        """Under the config lock: reads the file again, refuses if its keys changed since ``read``, edits,
+        checks and writes it. Returns the edit and the config as the plugin will read it."""
+        with _config_lock(path):
+            edit = cls.of(path, change, read)
+            return edit, edit.write(check)
 
     def write(self, check: Callable[[PluginConfig], None]) -> PluginConfig:
         """Writes the new file beside the old one, checks it with ``check``, then renames it over the old one.
@@ -204,7 +258,6 @@ def stage(path: Path, label: str, *, create: bool = False) -> Outcome:
     if create:
         created = create_key(current, label)
         outcome.lines.append(f"created key label={label} uuid={created} in the HSM")
-    edit = Edit.of(path, lambda c: (c.primary_key, (label, *c.secondary_keys)))
     staged_uuid: list[str] = []
 
     def check(config: PluginConfig) -> None:
@@ -216,7 +269,7 @@ def stage(path: Path, label: str, *, create: bool = False) -> Outcome:
             staged_uuid.append(_uuid_of(keyring, label))
         _keyring_of(config, keys_present)
 
-    after = edit.write(check)
+    edit, after = Edit.apply(path, current, lambda c: (c.primary_key, (label, *c.secondary_keys)), check)
     outcome.lines += _describe(edit.before, after)
     outcome.lines.append(f"staged {label} (uuid {staged_uuid[0]}) as a decrypt-only key; the plugin's watch loads "
                          "it within seconds")
@@ -245,13 +298,15 @@ def promote(path: Path, label: str, *, one_step: bool = False, require_staged_on
     if require_staged_on:
         _require_staged(current, label, require_staged_on, timeout)
     old = current.primary_key
-    edit = Edit.of(path, lambda c: (label, (old, *(s for s in c.secondary_keys if s != label))))
     promoted_uuid: list[str] = []
 
     def check(config: PluginConfig) -> None:
         _keyring_of(config, lambda keyring: promoted_uuid.append(keyring.primary.uuid))
 
-    after = edit.write(check)
+    # Under the lock the file is read again and must still have the keys `current` had: the round trips of
+    # --require-staged-on took time, and `old` is the primary they were checked against.
+    edit, after = Edit.apply(path, current, lambda c: (label, (old, *(s for s in c.secondary_keys if s != label))),
+                             check)
     lines = _describe(edit.before, after)
     lines.append(f"promoted {label} (uuid {promoted_uuid[0]}); {old} decrypts only. The plugin's watch loads it "
                  "within seconds; kube-apiserver uses the new key after its next Status poll (at most a minute)")
@@ -337,8 +392,8 @@ def retire(path: Path, label: str, report: ScanReport | None, *, resources: set[
             lines += [f"FORCED: {label} removed although {why}:", *on_retired, *gate.lines]
         else:
             lines += [*on_retired, *gate.lines]
-    edit = Edit.of(path, lambda c: (c.primary_key, tuple(s for s in c.secondary_keys if s != label)))
-    after = edit.write(lambda config: _keyring_of(config, lambda _: None))
+    edit, after = Edit.apply(path, current, lambda c: (c.primary_key, tuple(s for s in c.secondary_keys if s != label)),
+                             lambda config: _keyring_of(config, lambda _: None))
     lines += _describe(edit.before, after)
     lines += [f"retired {label} from this node's config; the key itself stays in the HSM.",
               "It is still needed to read every etcd snapshot or backup taken before the re-encryption, and "
