@@ -9,8 +9,12 @@ the test session uses.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -20,9 +24,9 @@ import pytest
 from p11kms.config import PluginConfig, load_config
 from p11kms.hsm.errors import HsmUnavailable, KeyNotFound
 from p11kms.hsm.token import Token
-from p11kms.plugin.keyring import KeyMissing, Keyring, build_keyring
-from p11kms.plugin.supervisor import HsmState, KeyringSupervisor, _Gate
-from tests.support import HsmEnv, private_module_copy, unique_label, wait_until
+from p11kms.plugin.keyring import KeyMissing, Keyring, UnknownKeyId, build_keyring
+from p11kms.plugin.supervisor import HsmState, KeyringSupervisor, UnconfiguredKey, _Gate
+from tests.support import HsmEnv, RecordingObserver, private_module_copy, unique_label, wait_until
 
 Keys = Callable[[], tuple[str, str]]
 
@@ -283,3 +287,52 @@ def test_a_reconnect_blocked_by_a_request_that_never_leaves_is_reported_after_st
     # Once the request leaves, the waiting reconnect (Stuck_Call_Exit = off) goes through.
     if not reported:
         wait_until(lambda: supervisor.state is HsmState.READY, seconds=10)
+
+
+def test_a_configured_key_whose_uuid_changed_on_another_node_is_looked_up_again_not_called_unconfigured(
+        private_config: Callable[..., PluginConfig], new_key: Keys, token: Token, hsm_env: HsmEnv,
+        tmp_path: Path, supervisors: list[KeyringSupervisor]) -> None:
+    foreign = unique_label("foreign")
+    token.import_aes_key(foreign, os.urandom(32), b"\x0a")  # made by another tool: no UUID in CKA_ID
+    supervisor = start(private_config(new_key()[0], foreign), supervisors)
+    keyring = supervisor.current_keyring()
+    assert keyring is not None
+    fingerprint_uuid = keyring.secondaries[0].uuid
+    # Another node runs `keys adopt` on the shared HSM and, restarted, encrypts under the stored UUID.
+    other_node = hsm_env.write_config(tmp_path / "other-node.cfg", foreign)
+    adopted = subprocess.run([sys.executable, "-m", "p11kms", "keys", "adopt", "--config", str(other_node),
+                              "--label", foreign], env=hsm_env.process_env(), capture_output=True, text=True,
+                             timeout=60)
+    assert adopted.returncode == 0, adopted.stderr
+    elsewhere = build_keyring(token, foreign, [])
+    assert elsewhere.key_id != fingerprint_uuid
+    sealed = elsewhere.encrypt(b"a" * 32)
+
+    assert supervisor.run(lambda k: k.decrypt(sealed, elsewhere.key_id)) == b"a" * 32
+    assert supervisor.run(lambda k: k.key_for(fingerprint_uuid).label) == foreign  # old data still opens
+    assert supervisor.state is HsmState.READY and supervisor.reconnects == 0
+
+
+def test_unknown_key_ids_search_the_hsm_at_most_once_whatever_their_number(
+        private_config: Callable[..., PluginConfig], new_key: Keys, supervisors: list[KeyringSupervisor]) -> None:
+    calls = RecordingObserver()
+    supervisor = KeyringSupervisor(private_config(new_key()[0]), logging.getLogger("test-supervisor"),
+                                   hsm_observer=calls)
+    supervisor.start()
+    supervisors.append(supervisor)
+    sealed = supervisor.run(lambda k: k.encrypt(b"u" * 32))
+
+    def searches() -> int:
+        return calls.calls.count("C_FindObjectsInit")
+
+    before = searches()
+    for number in range(20):  # `p11kms check` probes: a key_id that is no UUID names no key
+        with pytest.raises(UnknownKeyId) as caught:
+            supervisor.run(lambda k, n=number: k.decrypt(sealed, f"p11kms-check-unknown-{n}"))  # type: ignore[misc]
+        assert not isinstance(caught.value, UnconfiguredKey)
+    assert searches() == before
+    for _ in range(50):  # UUIDs of no key on the token, each new
+        with pytest.raises(UnknownKeyId) as caught:
+            supervisor.run(lambda k: k.decrypt(sealed, str(uuid.uuid4())))
+        assert not isinstance(caught.value, UnconfiguredKey)
+    assert searches() - before <= 1

@@ -31,6 +31,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
@@ -57,7 +58,9 @@ NOT_READY_KEY_ID = "p11kms-keyring-not-loaded"  # Status key_id before any key w
 RELOADABLE = ("primary_key", "secondary_keys", "log_level")
 GATE_WAIT_SECONDS = 2.0  # a request waits at most this long for a reconnect to finish, then fails
 MISSING_KEY_RECHECK_SECONDS = 5.0  # how often a Decrypt under a missing key may look for it again
-UNCONFIGURED_RECHECK_SECONDS = 60.0  # how often a Decrypt under a key not in the config may search the HSM for it
+# How often Decrypts under key_ids the keyring does not know may search the HSM for the key (one search serves
+# every key_id until then): the search reads every key on the token, and unknown key_ids come from outside.
+HSM_SEARCH_SECONDS = 10.0
 _Result = TypeVar("_Result")
 
 
@@ -119,6 +122,14 @@ def _uuid_or_none(token: Token, attrs: SecretKeyAttributes) -> str | None:
         return str(key_uuid(token, attrs)[0])
     except HsmError:
         return None
+
+
+def _is_uuid(key_id: str) -> bool:
+    """Whether ``key_id`` is a UUID in the canonical form every key UUID and alias has."""
+    try:
+        return str(uuid.UUID(key_id)) == key_id
+    except ValueError:
+        return False
 
 
 def _digest(pin: bytes) -> str:
@@ -234,7 +245,8 @@ class KeyringSupervisor:
         self._last_key_id: str | None = None
         self._generation = 0  # raised by every change of keyring, token or config (see _install)
         self._last_refresh = 0.0
-        self._unconfigured: dict[str, tuple[str | None, float]] = {}  # key_id -> (label in the HSM, looked up at)
+        self._search_lock = threading.Lock()  # one search of the HSM at a time; the others use its answer
+        self._hsm_keys: tuple[float, dict[str, str]] | None = None  # (searched at, UUID -> label of every HSM key)
         self._state = HsmState.CONNECTING
         self._cause = "connecting to the hsm"
         self._env_pin: bytes | None = None
@@ -275,26 +287,26 @@ class KeyringSupervisor:
             except (HsmUnavailable, LoginFailed, KeyNotFound) as exc:
                 self._on_failure(exc, keyring.token)
                 raise
-            except UnknownKeyId as exc:
-                label = None if isinstance(exc, KeyMissing) else self._label_in_hsm(keyring, exc.key_id)
-                if label is None:
-                    raise
-                raise UnconfiguredKey(exc.key_id, label) from exc
 
     def _label_in_hsm(self, keyring: Keyring, key_id: str) -> str | None:
-        """The label of the HSM key whose UUID is ``key_id`` though the config does not name it (another
-        node encrypts with a key this node has not staged), or None. Looked up at most once a minute per key_id."""
-        now = time.monotonic()
-        cached = self._unconfigured.get(key_id)
-        if cached is not None and now - cached[1] < UNCONFIGURED_RECHECK_SECONDS:
-            return cached[0]
-        try:
-            found = next((attrs.label for attrs in keyring.token.aes_keys()
-                          if _uuid_or_none(keyring.token, attrs) == key_id), None)
-        except HsmError:
-            found = None
-        self._unconfigured[key_id] = (found, now)
-        return found
+        """The label of the HSM key whose UUID is ``key_id``, or None.
+
+        The token is searched at most once per HSM_SEARCH_SECONDS, whatever the number of key_ids asked
+        about: one search maps every key on the token, and the map (bounded by the token, not by what
+        callers send) answers until the next. A key_id that is no UUID names no key and searches nothing.
+        """
+        if not _is_uuid(key_id):
+            return None
+        with self._search_lock:
+            now = time.monotonic()
+            if self._hsm_keys is None or now - self._hsm_keys[0] >= HSM_SEARCH_SECONDS:
+                try:
+                    found = {(_uuid_or_none(keyring.token, attrs) or ""): attrs.label
+                             for attrs in keyring.token.aes_keys()}
+                except HsmError:
+                    found = {}
+                self._hsm_keys = (now, found)
+            return self._hsm_keys[1].get(key_id)
 
     def _serving_keyring(self) -> tuple[Keyring, int]:
         with self._lock:
@@ -312,6 +324,17 @@ class KeyringSupervisor:
         except KeyMissing:
             if time.monotonic() - self._last_refresh < MISSING_KEY_RECHECK_SECONDS:
                 raise  # looked recently; do not search the token on every such Decrypt
+            return work(self._refresh_keyring(keyring, generation))
+        except UnknownKeyId as exc:
+            label = self._label_in_hsm(keyring, exc.key_id)
+            if label is None:
+                raise
+            configured = {k.label for k in keyring.keys} | {m.label for m in keyring.missing}
+            if label not in configured:  # another node encrypts with a key this node has not staged
+                raise UnconfiguredKey(exc.key_id, label) from exc
+            # A configured key now has another UUID (e.g. `keys adopt` on another node): look the keys up again.
+            if time.monotonic() - self._last_refresh < MISSING_KEY_RECHECK_SECONDS:
+                raise
             return work(self._refresh_keyring(keyring, generation))
 
     # -- lifecycle ----------------------------------------------------------------------------
