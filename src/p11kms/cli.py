@@ -23,7 +23,7 @@ from p11kms.ops.devenv import DEFAULT_DEV_DIR, prepare_dev_environment
 from p11kms.ops.doctor import run_doctor
 from p11kms.ops.etcdscan import describe_value, parse_key_uuid, require_key, scan
 from p11kms.ops.etcdscan_report import render_json, render_text, rewrite_commands
-from p11kms.ops.keys import adopt, create_key, list_keys
+from p11kms.ops.keys import adopt, create_key, list_keys, restrict
 from p11kms.ops.preflight import run_checks
 from p11kms.plugin.keyring import KeyringError
 from p11kms.plugin.server import Plugin, SocketInUse, install_signal_handlers
@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "before replicas or backups of the key are made")
     _add_config_source(adopt_parser)
     adopt_parser.add_argument("--label", required=True, help="label of the key to adopt")
+    restrict_parser = key_commands.add_parser(
+        "restrict", help="clear CKA_WRAP and CKA_DERIVE of a key in place, where the HSM allows it (same key, "
+                         "same UUID)")
+    _add_config_source(restrict_parser)
+    restrict_parser.add_argument("--label", required=True, help="label of the key to restrict")
 
     for name, text in (("status", "call Status like kube-apiserver does"),
                        ("check", "pre-flight: call the plugin as kube-apiserver does and apply all its checks")):
@@ -206,6 +211,20 @@ def cmd_keys_adopt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_restrict(args: argparse.Namespace) -> int:
+    done = restrict(_config(args), args.label)
+    same = "uuid unchanged" if done.uuid_after == done.uuid_before else f"UUID CHANGED from {done.uuid_before}"
+    print(f"key label={done.label} uuid={done.uuid_after} ({same})")
+    for name in done.cleared:
+        print(f"cleared {name}")
+    for name, why in done.refused:
+        print(f"NOT CLEARED {name}: the HSM refuses ({why}); rotate to a key made by p11kms keys create instead "
+              "(p11kms rotate stage NEW --create, then promote and retire: docs/rotating-the-kek.md)")
+    if not done.cleared and not done.refused:
+        print("nothing to clear: CKA_WRAP and CKA_DERIVE are already false")
+    return EXIT_FAILURE if done.refused else 0
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     print(f"{'LABEL':<24} {'UUID':<36} {'ROLE':<10} UUID_SOURCE")
     for row in list_keys(_config(args)):
@@ -328,8 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "etcd": cmd_etcd_scan,
         "rotate": cmd_rotate,
         "cluster": cmd_cluster,
-        "keys": {"create": cmd_keys_create, "adopt": cmd_keys_adopt}.get(getattr(args, "keys_command", ""),
-                                                                         cmd_keys_list),
+        "keys": {"create": cmd_keys_create, "adopt": cmd_keys_adopt,
+                 "restrict": cmd_keys_restrict}.get(getattr(args, "keys_command", ""), cmd_keys_list),
     }
     try:
         return handlers[args.command](args)

@@ -92,8 +92,8 @@ def test_a_foreign_decrypt_only_key_is_one_failed_check_and_the_rest_still_runs(
     code, out = doctor(hsm_env, config, "--encryption-config", str(encryption))
     assert code == 1, out
     line = next(x for x in out.splitlines() if x.startswith(f"FAIL key.secondary[{foreign}]"))
-    # Since issue 10 a decrypt-only key has a UUID (AES-ECB decryption fingerprint); what fails it is the
-    # CKA_WRAP pkcs11-tool sets, which doctor refuses in a KEK.
+    # Since issue 10 a decrypt-only key has a UUID (since issue 20 its ecb-kcv one, by AES-CTR decryption);
+    # what fails it is the CKA_WRAP pkcs11-tool sets, which doctor refuses in a KEK.
     assert "CKA_WRAP is true" in line and "no UUID" not in line
     assert f"PASS key.primary[{primary}]" in out and "PASS encryption_config.endpoint" in out
 
@@ -247,3 +247,37 @@ def test_encryption_config_phases(tmp_path: Path, providers: list[str], resource
                 and says in c.detail]
     assert relevant, [(c.name, c.detail) for c in checks]
     assert all(c.passed is passed and not c.advisory for c in relevant)
+
+
+def test_a_primary_that_can_wrap_is_fixed_in_place_or_by_a_rotation_never_by_a_new_key(
+        hsm_env: HsmEnv, tmp_path: Path, token: Token) -> None:
+    """What `pkcs11-tool --keygen` makes allows CKA_WRAP: a primary that may already protect data is fixed by
+    clearing the flag in place (its UUID stays) or by a rotation, never by a new key under its label."""
+    label = unique_label("wraps")
+    token.import_aes_key(label, os.urandom(32), wrap=True, derive=True)
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", label)
+    code, out = doctor(hsm_env, config)
+    line = next(x for x in out.splitlines() if x.startswith(f"FAIL key.primary[{label}]"))
+    assert code == 1 and "CKA_WRAP is true; CKA_DERIVE is true" in line
+    assert f"p11kms keys restrict --config {config} --label {label}" in line and "its UUID stays" in line
+    assert "p11kms rotate stage NEW --create" in line and "create a new key" not in line
+
+    restricted = subprocess.run([sys.executable, "-m", "p11kms", "keys", "restrict", "--config", str(config),
+                                 "--label", label], env=hsm_env.process_env(), capture_output=True, text=True,
+                                timeout=60)
+    assert restricted.returncode == 0, restricted.stderr
+    assert "cleared CKA_WRAP" in restricted.stdout and "cleared CKA_DERIVE" in restricted.stdout
+    assert "uuid unchanged" in restricted.stdout
+    code, out = doctor(hsm_env, config)
+    assert code == 0 and f"PASS key.primary[{label}]" in out, out
+
+
+def test_a_primary_that_may_have_left_the_hsm_is_fixed_by_a_rotation(hsm_env: HsmEnv, tmp_path: Path,
+                                                                      token: Token) -> None:
+    label = unique_label("extractable")
+    token.import_aes_key(label, os.urandom(32), extractable=True)
+    code, out = doctor(hsm_env, hsm_env.write_config(tmp_path / "p11kms.cfg", label))
+    line = next(x for x in out.splitlines() if x.startswith(f"FAIL key.primary[{label}]"))
+    assert code == 1 and "CKA_EXTRACTABLE is not false" in line
+    assert "p11kms rotate stage NEW --create" in line and "may already have left the HSM" in line
+    assert "keys restrict" not in line and "create a new key" not in line

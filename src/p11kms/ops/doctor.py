@@ -159,14 +159,45 @@ def _key_check(token: Token, config: PluginConfig, label: str, role: Role,
     attrs = token.key_attributes(handles[0])
     problems = _attribute_problems(attrs, role)
     if problems:
-        fix = "create a new key with p11kms keys create, which sets these attributes"
-        return verdict(name, problems, "", fix), None
+        return verdict(name, problems, "", _attribute_fix(config, label, role, attrs, primary_uuid)), None
     try:
         uuid_value, source = key_uuid(token, attrs)
     except HsmError as exc:
         return _no_uuid_check(name, label, attrs.can_encrypt, exc, primary_uuid), None
     return Check(name, True, f"AES-{(attrs.value_len or 0) * 8}, sensitive, not extractable, uuid {uuid_value} "
                              f"(from {source})"), str(uuid_value)
+
+
+def _attribute_fix(config: PluginConfig, label: str, role: Role, attrs: SecretKeyAttributes,
+                   primary_uuid: str) -> str:
+    """How to fix a configured key that may already protect data: never a new key under its label (it could
+    not decrypt what this one wrapped), but the attribute cleared in place where PKCS#11 and the HSM allow it,
+    or a rotation to a key made by ``keys create``."""
+    rotate = ("rotate to a key made by p11kms keys create (p11kms rotate stage NEW --create, then promote and "
+              "retire: docs/rotating-the-kek.md)")
+    if usage_problems(attrs, role):  # serve refuses it
+        if role is Role.PRIMARY:
+            return f"make another key the primary: {rotate}"
+        return ("set CKA_DECRYPT back to true with the HSM vendor's tool (a new key cannot decrypt what this one "
+                f"wrapped), or remove {label!r} from Secondary_key once `p11kms etcd scan --require {primary_uuid}` "
+                "passes")
+    in_place = bool(attrs.can_wrap or attrs.can_derive)
+    lasting = []  # what no change in place repairs
+    if attrs.extractable is not False or attrs.sensitive is not True:
+        lasting.append("it may already have left the HSM (clearing CKA_EXTRACTABLE now takes no copy back)")
+    if attrs.value_len is not None and attrs.value_len < 32:
+        lasting.append("a key's length cannot change")
+    fixes = []
+    if in_place:
+        fixes.append(f"clear CKA_WRAP/CKA_DERIVE in place where the HSM allows it (p11kms keys restrict --config "
+                     f"{config.path} --label {label}; its UUID stays, so what it wrapped stays readable)")
+    if role is Role.PRIMARY:
+        why = f" ({'; '.join(lasting)}: only a rotation repairs that)" if lasting else ""
+        fixes.append(("or " if in_place and not lasting else "") + rotate + why)
+    elif lasting:
+        fixes.append(f"it only decrypts: once `p11kms etcd scan --require {primary_uuid}` passes, retire it "
+                     f"(p11kms rotate retire {label}; {'; '.join(lasting)})")
+    return "; ".join(fixes) + "; never a new key under this label: it cannot decrypt what this one wrapped"
 
 
 def _attribute_problems(attrs: SecretKeyAttributes, role: Role) -> list[str]:

@@ -1,14 +1,17 @@
-"""Key management for operators: create a KEK, adopt a foreign one, list the token's keys with their UUIDs and roles."""
+"""Key management for operators: create a KEK, adopt a foreign one, restrict one in place, list the token's keys
+with their UUIDs and roles."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from p11kms.config import ConfigError, PluginConfig, label_problem
 from p11kms.hsm import ckdefs as ck
 from p11kms.hsm.errors import HsmError
 from p11kms.hsm.keyident import adopt_key, alias_uuids, create_kek, fingerprint_uuid, key_uuid
+from p11kms.hsm.token import SecretKeyAttributes, Token
 from p11kms.plugin.supervisor import open_configured_token
 
 
@@ -61,6 +64,57 @@ def adopt(config: PluginConfig, label: str) -> Adopted:
     finally:
         token.close()
     return Adopted(label, str(new), previous, attrs.cka_id.hex())
+
+
+@dataclass(frozen=True)
+class Restricted:
+    label: str
+    uuid_before: str
+    uuid_after: str  # the same: no UUID rule depends on CKA_WRAP or CKA_DERIVE
+    cleared: tuple[str, ...]  # attribute names cleared now
+    refused: tuple[tuple[str, str], ...]  # (attribute name, why the HSM kept it)
+
+
+# What `keys restrict` clears: PKCS#11 lets both change in place (unless CKA_MODIFIABLE is false or the HSM's
+# policy forbids it). CKA_EXTRACTABLE and CKA_SENSITIVE are left to a rotation: the key may have left the HSM.
+_RESTRICTABLE: tuple[tuple[str, int, Callable[[SecretKeyAttributes], bool | None]], ...] = (
+    ("CKA_WRAP", ck.CKA_WRAP, lambda attrs: attrs.can_wrap),
+    ("CKA_DERIVE", ck.CKA_DERIVE, lambda attrs: attrs.can_derive),
+)
+
+
+def restrict(config: PluginConfig, label: str) -> Restricted:
+    """Clears CKA_WRAP and CKA_DERIVE of a key in place, where the HSM allows it: the same key material and
+    UUID, so what it already wrapped stays readable (a new key under its label would not decrypt it)."""
+    token = open_configured_token(config)
+    try:
+        handle = token.find_one_secret_key(label)
+        before = _uuid_text(token, token.key_attributes(handle))
+        cleared: list[str] = []
+        refused: list[tuple[str, str]] = []
+        for name, kind, allowed in _RESTRICTABLE:
+            if not allowed(token.key_attributes(handle)):
+                continue
+            try:
+                token.set_key_flag(handle, kind, False)
+            except HsmError as exc:
+                refused.append((name, exc.ckr_name))
+                continue
+            if allowed(token.key_attributes(handle)):
+                refused.append((name, "the HSM answered CKR_OK but the attribute is still true"))
+            else:
+                cleared.append(name)
+        after = _uuid_text(token, token.key_attributes(handle))
+    finally:
+        token.close()
+    return Restricted(label, before, after, tuple(cleared), tuple(refused))
+
+
+def _uuid_text(token: Token, attrs: SecretKeyAttributes) -> str:
+    try:
+        return str(key_uuid(token, attrs)[0])
+    except HsmError:
+        return "-"
 
 
 def check_new_label(config: PluginConfig, label: str) -> None:
