@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import linecache
 import logging
 import os
 import signal
@@ -16,12 +17,14 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import FrameType
+from typing import Any
 from unittest import mock
 
 import grpc
 import pytest
 
-from p11kms.plugin.server import CallExecutor, WorkerSizer
+from p11kms.plugin.server import SERVING, STOPPING, CallExecutor, LockHolder, SocketLock, WorkerSizer
 from tests.support import (
     AS_PID_1,
     FaultControl,
@@ -661,3 +664,34 @@ def test_json_logs_carry_the_key_lines(run_plugin: Run, new_key: Keys) -> None:
     assert keys == [{"ts": keys[0]["ts"], "level": "info", "msg": "keyring loaded", "role": "primary",
                      "label": label, "uuid": key_uuid, "uuid_source": "cka_id"}]
     assert {r["msg"] for r in records} >= {"serving KMS v2", "stopped"}
+
+
+def test_sigterm_inside_marking_serving_leaves_stopping_in_the_lock_file(tmp_path: Path) -> None:
+    """A successor reads the lock file to decide whether to wait; SIGTERM must win over a start finishing.
+
+    A real SIGTERM is raised in this process at the moment the mark(SERVING) write begins (a line
+    tracer picks the moment; a signal's timing cannot be chosen otherwise), and the handler marks
+    STOPPING, as the plugin's does.
+    """
+    lock = SocketLock(tmp_path / "kms.sock")
+    lock.acquire(patience=0, logger=logging.getLogger("test-lock"))
+    previous = signal.signal(signal.SIGTERM, lambda _s, _f: lock.mark(STOPPING))
+    raised: list[bool] = []
+
+    def tracer(frame: FrameType, event: str, _arg: Any) -> Any:
+        if frame.f_code is not SocketLock.mark.__code__ or frame.f_locals.get("state") != SERVING:
+            return None
+        if event == "line" and not raised and "self._state = state" in linecache.getline(
+                frame.f_code.co_filename, frame.f_lineno):
+            raised.append(True)
+            signal.raise_signal(signal.SIGTERM)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        lock.mark(SERVING)
+    finally:
+        sys.settrace(None)
+        signal.signal(signal.SIGTERM, previous)
+    assert raised, "the tracer never saw the write begin"
+    assert LockHolder.read(lock.path).state == STOPPING

@@ -142,6 +142,7 @@ def remove_own_socket(path: Path, identity: SocketIdentity | None, logger: loggi
 
 
 STARTING, SERVING, STOPPING = "starting", "serving", "stopping"
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}  # their handlers mark STOPPING (install_signal_handlers)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class SocketLock:
         self.path = socket_path.with_name(socket_path.name + ".lock")
         self._fd: int | None = None
         self._state = ""
+        self._marking = threading.Lock()
 
     def acquire(self, patience: float, logger: logging.Logger) -> None:
         """Takes the lock, or raises SocketInUse at once; a holder that is stopping gets ``patience`` s."""
@@ -219,14 +221,25 @@ class SocketLock:
     def mark(self, state: str) -> None:
         """Records this process's state in the lock file (a no-op unless the lock is held).
 
-        Stopping is final: a SIGTERM during start must not be overwritten by the start finishing.
+        Stopping is final: a SIGTERM during start must not be overwritten by the start finishing. The
+        SIGTERM handler marks STOPPING on the main thread, possibly in the middle of a mark there, so
+        the stop signals wait while one is written (their handlers run once it is done); a stuck-call
+        exit marks from another thread, hence the lock.
         """
-        if self._fd is None or self._state == STOPPING:
+        if self._fd is None:
             return
-        self._state = state
-        record = self._RECORD.format(pid=os.getpid(), state=state).encode()
-        os.pwrite(self._fd, record, 0)
-        os.ftruncate(self._fd, len(record))
+        blocked = _STOP_SIGNALS if threading.current_thread() is threading.main_thread() else set()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            with self._marking:
+                if self._state == STOPPING:
+                    return
+                self._state = state
+                record = self._RECORD.format(pid=os.getpid(), state=state).encode()
+                os.pwrite(self._fd, record, 0)
+                os.ftruncate(self._fd, len(record))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _try_lock(fd: int) -> bool:
