@@ -58,7 +58,7 @@ class AmbiguousDecryptFailure(HsmError):
     """C_Decrypt returned a code that some HSMs use for a bad tag and others for a fault.
 
     SoftHSM 2.6 reports a GCM tag mismatch as CKR_GENERAL_ERROR, other modules as
-    CKR_FUNCTION_FAILED; the keyring resolves the ambiguity with a known-good self-test.
+    CKR_FUNCTION_FAILED; the keyring resolves the ambiguity with a known-good self-test and a retry.
     """
 
 
@@ -124,7 +124,7 @@ _CIPHERTEXT = frozenset({ck.CKR_ENCRYPTED_DATA_INVALID, ck.CKR_ENCRYPTED_DATA_LE
                          ck.CKR_AEAD_DECRYPT_FAILED})
 # What modules answer to a bad GCM tag besides the codes above: SoftHSM 2.6 CKR_GENERAL_ERROR, some
 # others CKR_FUNCTION_FAILED. Both also mean a device fault elsewhere, so on C_Decrypt they are
-# ambiguous and the keyring settles them with a known-good self-test instead of a reconnect.
+# ambiguous and the keyring settles them with a self-test and a retry instead of a reconnect.
 _AMBIGUOUS_DECRYPT = frozenset({ck.CKR_GENERAL_ERROR, ck.CKR_FUNCTION_FAILED})
 
 

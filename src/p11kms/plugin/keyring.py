@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -35,9 +34,6 @@ MAX_CIPHERTEXT_BYTES = 1024  # kube-apiserver rejects longer ciphertexts (spec 2
 OVERHEAD_BYTES = 1 + GCM_IV_BYTES + GCM_TAG_BYTES
 MAX_PLAINTEXT_BYTES = MAX_CIPHERTEXT_BYTES - OVERHEAD_BYTES
 _SELF_TEST_PLAINTEXT = bytes(32)
-# After an ambiguous Decrypt failure, a passed self-test is trusted this long: a flood of bad
-# ciphertexts then costs one probe of the HSM, not one per call.
-SELF_TEST_CACHE_SECONDS = 2.0
 
 
 class Role(enum.StrEnum):
@@ -127,8 +123,11 @@ class Keyring:
         self._by_uuid = {alias: k for k in (primary, *secondaries) for alias in k.aliases}
         self._by_uuid.update({k.uuid: k for k in (primary, *secondaries)})
         self._missing_by_uuid = {m.uuid: m for m in missing if m.uuid is not None}
+        # Self-tests run for ambiguous Decrypt failures, one at a time: how many have started, and
+        # the number and outcome (None: passed) of the last one to finish.
         self._self_test_lock = threading.Lock()
-        self._self_test_passed_at: float | None = None
+        self._self_tests_started = 0
+        self._last_self_test: tuple[int, HsmError | None] = (0, None)
 
     @property
     def key_id(self) -> str:
@@ -166,16 +165,21 @@ class Keyring:
         except CiphertextRejected as exc:
             raise CiphertextRejected(_rejected_message(kek), ckr=exc.ckr) from exc
         except AmbiguousDecryptFailure as exc:
-            # Some modules answer a bad tag with CKR_GENERAL_ERROR (SoftHSM 2.6) or CKR_FUNCTION_FAILED.
-            # If a known-good round trip still works, the HSM is fine and the fault lies with the
-            # ciphertext; a recent pass is reused so a flood of bad ciphertexts costs one probe.
-            try:
-                self._recent_self_test()
-            except HsmError as probe_exc:
-                raise HsmUnavailable(
-                    f"decrypt failed with {exc.ckr_name} and the HSM self-test failed too: {probe_exc}",
-                    ckr=exc.ckr,
-                ) from probe_exc
+            # Some modules answer a bad tag with CKR_GENERAL_ERROR (SoftHSM 2.6) or CKR_FUNCTION_FAILED,
+            # codes that also mean a device fault. A self-test that started after this failure tells
+            # whether the HSM works now; if it does, one retry tells a transient fault (it opens) from
+            # a bad ciphertext (it fails again).
+            failure = exc
+            seen = self._self_tests_started
+        problem = self._self_test_after(seen)
+        if problem is not None:
+            raise HsmUnavailable(
+                f"decrypt failed with {failure.ckr_name} and the HSM self-test failed too: {problem}",
+                ckr=failure.ckr,
+            ) from problem
+        try:
+            return self._open(kek, ciphertext, key_id)
+        except (CiphertextRejected, AmbiguousDecryptFailure) as exc:
             raise CiphertextRejected(_rejected_message(kek), ckr=exc.ckr) from exc
 
     def _open(self, kek: Kek, ciphertext: bytes, key_id: str) -> bytes:
@@ -188,16 +192,22 @@ class Keyring:
         wrapped = self.encrypt(_SELF_TEST_PLAINTEXT)
         if self._open(self.primary, wrapped, self.primary.uuid) != _SELF_TEST_PLAINTEXT:
             raise HsmError("self-test round trip returned different bytes")
-        self._self_test_passed_at = time.monotonic()
 
-    def _recent_self_test(self) -> None:
-        """Runs the self-test unless one passed within SELF_TEST_CACHE_SECONDS; one caller at a time,
-        so concurrent callers share the probe. A failure is never cached."""
+    def _self_test_after(self, seen: int) -> HsmError | None:
+        """The outcome of a self-test that started after ``seen`` self-tests had: the last one's if it
+        did, else a new one's. One runs at a time, so callers that failed before it started share it."""
         with self._self_test_lock:
-            passed = self._self_test_passed_at
-            if passed is not None and time.monotonic() - passed < SELF_TEST_CACHE_SECONDS:
-                return
-            self.self_test()
+            number, outcome = self._last_self_test
+            if number > seen:
+                return outcome
+            self._self_tests_started = number = self._self_tests_started + 1
+            try:
+                self.self_test()
+                outcome = None
+            except HsmError as exc:
+                outcome = exc
+            self._last_self_test = (number, outcome)
+            return outcome
 
 
 def check_plaintext_size(plaintext: bytes) -> None:
