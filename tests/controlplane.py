@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support import ROOT, free_port
@@ -80,17 +80,32 @@ class Process:
 
 
 @dataclass
+class EtcdCluster:
+    """One or more etcd members on loopback; ``url`` lists every member's client URL, comma-separated."""
+
+    members: list[Process]
+    client_urls: list[str]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.client_urls)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+
+@dataclass
 class ControlPlane:
-    """etcd + kube-apiserver, and kubectl configured as a cluster admin."""
+    """kube-apiserver (with the etcd it owns, if any), and kubectl configured as a cluster admin."""
 
     directory: Path
     etcd_url: str
     url: str
-    etcd: Process
+    etcd: EtcdCluster | None
     apiserver: Process
     encryption_config_path: Path
     pki: dict[str, Path]
-    started: list[float] = field(default_factory=list)
 
     @property
     def kubeconfig(self) -> Path:
@@ -161,31 +176,44 @@ class ControlPlane:
 
     def stop(self) -> None:
         self.apiserver.stop()
-        self.etcd.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
 
 
-def start_etcd(directory: Path) -> tuple[Process, str]:
-    """etcd of the release kube-apiserver supports (the Debian one is too old for its health checks)."""
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    etcd = Process([str(k8s_binary("etcd")), "--name", "p11kms-cp", "--data-dir", str(directory / "etcd-data"),
-                    "--listen-client-urls", client, "--advertise-client-urls", client,
-                    "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                    "--initial-cluster", f"p11kms-cp={peer}", "--log-level", "warn"],
-                   directory / "etcd.log")
-    etcd.start()
-    return etcd, client
+def start_etcd(directory: Path, members: int = 1) -> EtcdCluster:
+    """etcd of the release kube-apiserver supports (the Debian one is too old for its health checks):
+    one member, or a cluster of ``members`` that elect a leader among themselves."""
+    names = [f"p11kms-etcd-{index}" for index in range(members)]
+    clients = [f"http://127.0.0.1:{free_port()}" for _ in names]
+    peers = [f"http://127.0.0.1:{free_port()}" for _ in names]
+    initial = ",".join(f"{name}={peer}" for name, peer in zip(names, peers, strict=True))
+    cluster = EtcdCluster([], clients)
+    for name, client, peer in zip(names, clients, peers, strict=True):
+        member = Process([str(k8s_binary("etcd")), "--name", name, "--data-dir", str(directory / f"{name}-data"),
+                          "--listen-client-urls", client, "--advertise-client-urls", client,
+                          "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                          "--initial-cluster", initial, "--initial-cluster-state", "new", "--log-level", "warn"],
+                         directory / f"{name}.log")
+        member.start()
+        cluster.members.append(member)
+    return cluster
 
 
-def start_control_plane(directory: Path, encryption: str) -> ControlPlane:
-    """Starts etcd and kube-apiserver with ``encryption`` as its EncryptionConfiguration (reloaded
-    automatically when the file changes) and waits until /readyz passes."""
+def start_control_plane(directory: Path, encryption: str, *, etcd: EtcdCluster | None = None,
+                        pki: dict[str, Path] | None = None) -> ControlPlane:
+    """Starts kube-apiserver with ``encryption`` as its EncryptionConfiguration (reloaded automatically
+    when the file changes) and waits until /readyz passes. Without ``etcd`` it starts (and owns) an etcd
+    of its own; several apiservers of one cluster share ``etcd`` and ``pki`` (one CA, one service-account
+    key), as the control-plane nodes of a highly available cluster do."""
     directory.mkdir(parents=True, exist_ok=True)
-    pki_dir = directory / "pki"
-    pki_dir.mkdir(exist_ok=True)
-    pki = make_control_plane_pki(pki_dir)
+    if pki is None:
+        pki_dir = directory / "pki"
+        pki_dir.mkdir(exist_ok=True)
+        pki = make_control_plane_pki(pki_dir)
     config_path = directory / "encryption-config.yaml"
     config_path.write_text(encryption)
-    etcd, etcd_url = start_etcd(directory)
+    owned = start_etcd(directory) if etcd is None else None
+    etcd_url = etcd.url if etcd is not None else owned.url if owned is not None else ""
     port = free_port()
     apiserver = Process([
         str(k8s_binary("kube-apiserver")),
@@ -206,7 +234,7 @@ def start_control_plane(directory: Path, encryption: str) -> ControlPlane:
         f"--cert-dir={directory / 'certs'}",
         "--v=2",
     ], directory / "kube-apiserver.log")
-    plane = ControlPlane(directory, etcd_url, f"https://127.0.0.1:{port}", etcd, apiserver, config_path, pki)
+    plane = ControlPlane(directory, etcd_url, f"https://127.0.0.1:{port}", owned, apiserver, config_path, pki)
     plane.kubeconfig.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config",
         "clusters": [{"name": "p11kms", "cluster": {"server": plane.url, "certificate-authority": str(pki["ca"])}}],

@@ -14,7 +14,7 @@ def test_demo_rotation_script_completes() -> None:
     # Any free HTTP port: the default 8095 may be taken by a development plugin or another test.
     env = {**os.environ, "PYTHON": sys.executable, "DEMO_HTTP_ADDRESS": "127.0.0.1:0"}
     result = subprocess.run([str(ROOT / "scripts" / "demo-rotation.sh")], env=env, capture_output=True, text=True,
-                            timeout=180)
+                            timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     before, _, after = result.stdout.partition("=== 5. re-encrypt every secret")
     assert "(expected: not re-encrypted yet)" in before

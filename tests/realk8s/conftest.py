@@ -65,7 +65,7 @@ class Cluster:
         return result.stdout
 
     def stored(self, resource: str, namespace: str, name: str) -> Envelope:
-        found = EtcdClient([self.plane.etcd_url]).get(f"/registry/{resource}/{namespace}/{name}".encode())
+        found = EtcdClient(self.plane.etcd_url.split(",")).get(f"/registry/{resource}/{namespace}/{name}".encode())
         assert found is not None, f"{resource}/{namespace}/{name} is not in etcd"
         return decode(found.value)
 
@@ -104,7 +104,11 @@ def start_cluster(hsm_env: HsmEnv, tmp_path: Path) -> Iterator[Callable[..., Clu
         directory.mkdir()
         config = hsm_env.write_config(directory / "cs_pkcs11_R3.cfg", primary, **attributes)
         plugin = start_plugin(hsm_env, config, extra_env=plugin_env)
-        plane = start_control_plane(directory / "control-plane", encryption_config(plugin.socket, resources))
+        try:
+            plane = start_control_plane(directory / "control-plane", encryption_config(plugin.socket, resources))
+        except BaseException:
+            plugin.stop()
+            raise
         cluster = Cluster(hsm_env, directory, config, plugin, plane, plugin_env=dict(plugin_env or {}))
         started.append(cluster)
         return cluster
