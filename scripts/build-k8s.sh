@@ -31,7 +31,7 @@ export GOTOOLCHAIN=local
 module=tools/k8s
 pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3 go.etcd.io/etcd/etcdctl/v3)
 if [[ "${1:-}" == "--release" ]]; then
-  # Another release: a copy of tools/k8s whose every k8s.io module names that release. etcd stays the one
+  # Another release: a module like tools/k8s whose every k8s.io module names that release. etcd stays the one
   # tools/k8s builds (it serves every release tested), so its modules do not move the release's own.
   release=${2#v}
   "$0" >&2
@@ -39,14 +39,22 @@ if [[ "${1:-}" == "--release" ]]; then
   staging="v0.${release#1.}"
   pkgs=("${pkgs[@]:0:2}")
   if [[ ! -f "$module/go.sum" ]]; then
+    # The staging modules are those the release's own go.mod replaces with folders of its repository.
+    staged=$(curl -fsS "https://proxy.golang.org/k8s.io/kubernetes/@v/v$release.mod" | awk '/=> \.\/staging\//{print $1}')
+    [[ -n "$staged" ]] || { echo "build-k8s: the module proxy has no k8s.io/kubernetes v$release" >&2; exit 1; }
     mkdir -p "$module"
-    sed -e "s|^require k8s.io/kubernetes .*|require k8s.io/kubernetes v$release|" \
-        -e "s|^\(\tk8s.io/[a-z-]*\) => \(k8s.io/[a-z-]*\) v0\.[0-9.]*$|\1 => \2 $staging|" \
-        -e '/^require ($/,/^)$/d' -e '/^\tgo.etcd.io\/etcd/d' tools/k8s/go.mod >"$module/go.mod"
-    # The staging modules a release does not have (added later) would make `go mod tidy` fail.
-    for m in $(awk '/=> k8s.io/{print $3}' "$module/go.mod"); do
-      curl -fsS -o /dev/null "https://proxy.golang.org/$m/@v/$staging.info" 2>/dev/null || sed -i "\|^\t$m => |d" "$module/go.mod"
-    done
+    {
+      echo "module github.com/p11kms/p11kms/tools/k8s-v$release"
+      echo
+      echo "go $need_go"
+      echo
+      printf 'tool (\n\tk8s.io/kubernetes/cmd/kube-apiserver\n\tk8s.io/kubernetes/cmd/kubectl\n)\n\n'
+      echo "require k8s.io/kubernetes v$release"
+      echo
+      echo "replace ("
+      for m in $staged; do printf '\t%s => %s %s\n' "$m" "$m" "$staging"; done
+      echo ")"
+    } >"$module/go.mod"
     (cd "$module" && "$GO" mod tidy)
   fi
 fi
