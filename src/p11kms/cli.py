@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -102,9 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     etcd_commands = etcd.add_subparsers(dest="etcd_command", required=True)
     scan = etcd_commands.add_parser("scan", help="count stored objects per KMS provider and key UUID")
     scan.add_argument("--endpoints", required=True, help="etcd client URLs, comma-separated")
-    scan.add_argument("--cacert", help="CA bundle for https endpoints")
-    scan.add_argument("--cert", help="client certificate (PEM)")
-    scan.add_argument("--key", help="client certificate key (PEM)")
+    _add_etcd_tls(scan)
     scan.add_argument("--prefix", default="/registry/",
                       help="kube-apiserver's --etcd-prefix, read with a trailing / (default: %(default)s)")
     scan.add_argument("--page-size", type=int, default=500, help="keys read per request (default: %(default)s)")
@@ -121,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--rewrite-commands", action="store_true",
                       help="with --require: print the kubectl commands that rewrite only the objects not on the key")
     _add_rotate_parsers(commands)
+    _add_reencrypt_parser(commands)
     cluster = commands.add_parser("cluster", help="views over the plugins of every control-plane node")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
     cluster_status_parser = cluster_commands.add_parser(
@@ -131,6 +131,64 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_status_parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                                        help="per-call deadline in seconds (default: %(default)s)")
     return parser
+
+
+def _add_etcd_tls(parser: argparse.ArgumentParser) -> None:
+    """etcd's client TLS options, as etcdctl spells them (checked by EtcdClient before any connection)."""
+    parser.add_argument("--cacert", help="CA bundle for https endpoints")
+    parser.add_argument("--cert", help="client certificate (PEM)")
+    parser.add_argument("--key", help="client certificate key (PEM)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text} is not a positive whole number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{text} is not a positive number")
+    return value
+
+
+def _add_reencrypt_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "reencrypt", help="rewrite stored objects through the Kubernetes API so kube-apiserver encrypts them with "
+                          "the current key (an unchanged update: UIDs stay; never delete and re-create)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--encryption-config", type=Path, metavar="FILE",
+                       help="every resource this EncryptionConfiguration names")
+    which.add_argument("--resources", metavar="LIST", help="comma-separated: secrets,configmaps,widgets.example.com")
+    parser.add_argument("--namespace", "-n", help="only this namespace (default: all)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, else the "
+                                             "pod's service account)")
+    parser.add_argument("--context", help="kubeconfig context (default: its current-context)")
+    parser.add_argument("--concurrency", type=_argument(_positive_int), default=4,
+                        help="updates in flight at once (default: %(default)s)")
+    parser.add_argument("--max-rate", type=_argument(_positive_float), metavar="PER_SECOND",
+                        help="at most this many updates per second (default: no limit)")
+    parser.add_argument("--page-size", type=_argument(_positive_int), default=100,
+                        help="objects per list page / per batch (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be rewritten; write nothing")
+    parser.add_argument("--state", type=Path, metavar="FILE",
+                        help="without etcd: resume file recording each resource's last completed page; a run "
+                             "started again with it continues there; removed when a run finishes")
+    parser.add_argument("--timeout", type=_argument(_positive_float), default=30.0,
+                        help="per-request deadline in seconds (default: %(default)s)")
+    parser.add_argument("--etcd-endpoints", metavar="URLS",
+                        help="etcd client URLs: touch only objects not on the primary key, end with the etcd scan "
+                             "gate (read-only)")
+    _add_etcd_tls(parser)
+    parser.add_argument("--etcd-prefix", default="/registry/",
+                        help="kube-apiserver's --etcd-prefix (default: %(default)s)")
+    primary = parser.add_mutually_exclusive_group()
+    primary.add_argument("--key-id", metavar="UUID", type=_argument(parse_key_uuid),
+                         help="with --etcd-endpoints: the primary key UUID objects must end on")
+    primary.add_argument("--socket", type=_argument(socket_path),
+                         help="with --etcd-endpoints: ask this plugin's Status for the primary key UUID")
 
 
 def _add_rotate_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -151,9 +209,7 @@ def _add_rotate_parsers(commands: argparse._SubParsersAction[argparse.ArgumentPa
                          help="comma-separated plugin endpoints (http://HOST:PORT or sockets) that must decrypt "
                               "under LABEL before this node encrypts with it")
     retire.add_argument("--etcd-endpoints", help="etcd client URLs, comma-separated")
-    retire.add_argument("--cacert", help="CA bundle for https endpoints")
-    retire.add_argument("--cert", help="client certificate (PEM)")
-    retire.add_argument("--key", help="client certificate key (PEM)")
+    _add_etcd_tls(retire)
     retire.add_argument("--prefix", default="/registry/", help="kube-apiserver's --etcd-prefix (default: %(default)s)")
     retire.add_argument("--resource", action="append", help="also check this resource (repeatable; every resource "
                                                             "holding KMS v2 objects is always checked)")
@@ -331,6 +387,57 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    from p11kms.ops import reencrypt  # the kubernetes client loads here only, never in `serve`
+
+    def usage(message: str) -> int:
+        print(f"p11kms reencrypt: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.etcd_endpoints is None:
+        given = [o for o, v in (("--key-id", args.key_id), ("--socket", args.socket), ("--cacert", args.cacert),
+                                ("--cert", args.cert), ("--key", args.key)) if v]
+        if given:
+            return usage(f"{', '.join(given)} only apply with --etcd-endpoints")
+    elif args.key_id is None and args.socket is None:
+        return usage("--etcd-endpoints needs the primary key UUID objects must end on: --key-id UUID, or "
+                     "--socket PATH to ask the plugin")
+    elif args.state is not None:
+        return usage("--state only applies without --etcd-endpoints (with etcd a new run touches only what is "
+                     "still off the key)")
+    try:
+        names = (reencrypt.resources_from_encryption_config(args.encryption_config) if args.encryption_config
+                 else reencrypt.parse_resources(args.resources))
+        etcd = None
+        if args.etcd_endpoints:
+            etcd = EtcdClient(args.etcd_endpoints.split(","), cacert=args.cacert, cert=args.cert, key=args.key)
+        key_id = args.key_id
+        if etcd is not None and key_id is None:
+            with KmsClient(args.socket, DEFAULT_TIMEOUT) as kms:
+                try:
+                    key_id = kms.status().key_id
+                except grpc.RpcError as exc:
+                    print(f"p11kms reencrypt: Status failed: {kms.explain(exc)}", file=sys.stderr)
+                    return EXIT_FAILURE
+            print(f"primary key UUID {key_id} (Status of {args.socket})", file=sys.stderr)
+        api = reencrypt.connect(args.kubeconfig, args.context, args.timeout)
+        options = reencrypt.Options(names, args.namespace, args.concurrency, args.max_rate, args.page_size,
+                                    args.dry_run, args.state, etcd, args.etcd_prefix, key_id)
+        previous = {sig: signal.signal(sig, lambda *_: api.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            outcome = reencrypt.run(api, options, sys.stderr, sys.stdout, sys.stderr.isatty())
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    except (reencrypt.UsageError, EtcdTlsOptionError) as exc:
+        return usage(str(exc))
+    except reencrypt.ApiFailure as exc:
+        print(f"p11kms reencrypt: the API server refused: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("\n".join(outcome.lines))
+    return outcome.exit_code
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     verdict = cluster_status(args.endpoints.split(","), args.timeout)
     print("\n".join(verdict.lines))
@@ -347,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "etcd": cmd_etcd_scan,
         "rotate": cmd_rotate,
         "cluster": cmd_cluster,
+        "reencrypt": cmd_reencrypt,
         "keys": {"create": cmd_keys_create, "adopt": cmd_keys_adopt,
                  "restrict": cmd_keys_restrict}.get(getattr(args, "keys_command", ""), cmd_keys_list),
     }
