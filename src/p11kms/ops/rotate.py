@@ -311,8 +311,8 @@ def promote(path: Path, label: str, *, one_step: bool = False, require_staged_on
     lines.append(f"promoted {label} (uuid {promoted_uuid[0]}); {old} decrypts only. The plugin's watch loads it "
                  "within seconds; kube-apiserver uses the new key after its next Status poll (at most a minute)")
     lines.append(f"next: promote {label} on every other node; when `p11kms cluster status` shows one primary "
-                 f"everywhere, re-encrypt (`p11kms etcd scan --endpoints ETCD --require {promoted_uuid[0]} "
-                 "--rewrite-commands` prints what to run), then `p11kms rotate retire "
+                 f"everywhere, re-encrypt (`p11kms reencrypt --encryption-config FILE --etcd-endpoints ETCD "
+                 f"--key-id {promoted_uuid[0]}`), then `p11kms rotate retire "
                  f"{old} --etcd-endpoints ETCD` on every node")
     return Outcome(lines)
 
@@ -385,8 +385,9 @@ def retire(path: Path, label: str, report: ScanReport | None, *, resources: set[
                     explain = [*on_retired, *gate.lines]
                 raise RotateRefused("\n".join([
                     head, *explain,
-                    "Re-encrypt what is listed (p11kms etcd scan ... --rewrite-commands prints the commands), "
-                    "then run retire again. --force removes it anyway and makes those objects unreadable"]))
+                    "Re-encrypt what is listed (p11kms reencrypt --encryption-config FILE --etcd-endpoints "
+                    "ETCD --socket SOCKET rewrites exactly those objects), then run retire again. "
+                    "--force removes it anyway and makes those objects unreadable"]))
             why = (f"{_objects(len(stranded))} {'is' if len(stranded) == 1 else 'are'} still on it" if stranded
                    else "the etcd scan did not pass")
             lines += [f"FORCED: {label} removed although {why}:", *on_retired, *gate.lines]
