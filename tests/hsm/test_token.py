@@ -26,9 +26,20 @@ from tests.support import (
     private_module_copy,
     start_and_join,
     unique_label,
+    wait_until,
 )
 
 Keys = Callable[[], tuple[str, str]]
+
+
+def waits_for_a_session(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked inside the session pool's wait for a free session right now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_qualname)
+        frame = frame.f_back
+    return "_SessionPool.take" in names and "Condition.wait" in names
 
 
 def test_module_is_initialised_with_os_locking(private_fault_module: Path, faults: FaultControl) -> None:
@@ -88,7 +99,7 @@ def test_a_closed_token_refuses_at_once_and_wakes_its_waiters(hsm_env: HsmEnv, n
     assert holding.wait(5)
     waiter = threading.Thread(target=wait_for_a_session)
     waiter.start()
-    time.sleep(0.2)  # the waiter is now blocked on the empty pool
+    wait_until(lambda: waits_for_a_session(waiter), 5.0)  # blocked on the empty pool
     token.close()
     waiter.join(5)
     assert not waiter.is_alive(), "a caller waiting for a session of a closed token was never woken"

@@ -169,10 +169,11 @@ def test_operations_overlap_inside_the_hsm(start_faulty: StartFaulty, faults: Fa
 
 
 def test_sigterm_lets_an_in_flight_call_finish(start_faulty: StartFaulty, faults: FaultControl, new_key: Keys) -> None:
-    plugin = start_faulty(new_key()[0])
+    plugin = start_faulty(new_key()[0], Health_Interval="300")  # no probe of its own in the HSM meanwhile
     client = plugin.client()
     client.encrypt(b"0" * 32)
     faults.set("latency_ms 800")  # C_EncryptInit and C_Encrypt: 1.6 s in the HSM, inside the 3 s deadline
+    inits = faults.calls("C_EncryptInit")
     result: dict[str, object] = {}
 
     def slow_call() -> None:
@@ -184,7 +185,7 @@ def test_sigterm_lets_an_in_flight_call_finish(start_faulty: StartFaulty, faults
 
     worker = threading.Thread(target=slow_call)
     worker.start()
-    time.sleep(0.5)  # the call is now inside the HSM
+    wait_until(lambda: faults.calls("C_EncryptInit") > inits)  # the call is now inside the HSM
     plugin.signal(signal.SIGTERM)
     worker.join(10)
     assert "key_id" in result, result

@@ -139,15 +139,20 @@ def test_calls_whose_deadline_cannot_be_met_never_reach_the_hsm(slow_plugin: Cal
 def test_many_callers_on_a_slow_hsm_fail_fast_and_waste_no_hsm_work(slow_plugin: Callable[..., PluginProcess],
                                                                     faults: FaultControl) -> None:
     plugin, ciphertext, key_id = slow_warm_plugin(slow_plugin, faults, sessions=2)
-    short = KmsClient(plugin.socket, 0.3)
+    # 0.5 s left, for an operation of 0.5 s (x 1.25 margin): hopeless, and long enough for the plugin's
+    # answer to arrive before the caller's own timer fires.
+    short = KmsClient(plugin.socket, 0.5)
     encrypts_before, decrypts_before = hsm_operations(faults)
     try:
         outcomes = together([("Decrypt", lambda: short.decrypt(ciphertext, key_id))] * 60)
         settle(faults)
     finally:
         short.close()
-    codes = {o.code for o in outcomes}
-    assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    # Each answer is the plugin's own refusal, never the caller's timer giving up on a plugin that
+    # said nothing (that is DEADLINE_EXCEEDED too, with gRPC's "Deadline Exceeded").
+    not_refused = [o for o in outcomes
+                   if o.code is not grpc.StatusCode.RESOURCE_EXHAUSTED and REFUSED not in o.details]
+    assert not not_refused, not_refused
     assert hsm_operations(faults) == (encrypts_before, decrypts_before)
     print(f"60 callers: {sum(o.code == grpc.StatusCode.RESOURCE_EXHAUSTED for o in outcomes)} RESOURCE_EXHAUSTED, "
           f"{sum(REFUSED in o.details for o in outcomes)} refused by the plugin; slowest answer "

@@ -136,13 +136,31 @@ def test_stale_socket_from_a_crash_is_removed(hsm_env: HsmEnv, tmp_path: Path, n
     plugin.stop()
 
 
-def test_a_live_socket_is_never_taken_over(run_plugin: Run, hsm_env: HsmEnv, new_key: Keys) -> None:
+def test_a_second_plugin_on_a_served_socket_is_refused_by_the_lock(run_plugin: Run, hsm_env: HsmEnv,
+                                                                    new_key: Keys) -> None:
     label, key_uuid = new_key()
     first = run_plugin(label)
     second = start_plugin(hsm_env, first.socket.parent / "p11kms.cfg", wait=False)
     assert second.proc.wait(20) == 1
-    assert "already serving" in second.log()
+    assert "another p11kms (" in second.log() and "is already serving" in second.log()
     assert first.client().status().key_id == key_uuid
+
+
+def test_a_live_socket_is_never_taken_over(hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
+    """A socket some other program serves, with no p11kms lock file held: only the connect probe can tell."""
+    config = hsm_env.write_config(tmp_path / "p11kms.cfg", new_key()[0])
+    path = tmp_path / "kms.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen(4)
+        identity = path.stat().st_ino
+        plugin = start_plugin(hsm_env, config, wait=False)
+        assert plugin.proc.wait(20) == 1
+        assert f"another process is already serving on {path}" in plugin.log()
+        other.settimeout(5)
+        probe, _ = other.accept()  # the plugin's connect probe reached this listener
+        probe.close()
+        assert path.stat().st_ino == identity  # still this program's socket, not unlinked or replaced
 
 
 def test_a_file_that_is_not_a_socket_is_left_alone(hsm_env: HsmEnv, tmp_path: Path, new_key: Keys) -> None:
