@@ -3,8 +3,8 @@
 Drives no-op servicers (no HSM, no checks) with the client of bench/throughput.py and prints, per
 server set-up, calls/s, p99 and server CPU per Decrypt at 1 and 16 callers:
 
-- ``p11kms``: the plugin's own set-up (``grpc_serving`` and its ``WorkerSizer``: grpcio's sync server,
-  a handler pool that starts with two threads, Status on a thread of its own);
+- ``p11kms``: the plugin's own set-up (``grpc_serving``: grpcio's sync server, one handler thread per
+  HSM session, Status on a thread of its own);
 - ``sync-W``: grpcio's sync server on a ThreadPoolExecutor of W workers;
 - ``aio``: the ``grpc.aio`` server answering on its event loop;
 - ``aio-pool``: the ``grpc.aio`` server handing each call to a thread pool and back, as it would

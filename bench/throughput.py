@@ -58,14 +58,10 @@ def open_bench_keyring(module_path: str, sessions: int) -> Keyring:
 
 # -- the floor: a servicer that does no work ----------------------------------------------------
 def serve_on_plugin_set_up(servicer: Any, socket: str, sessions: int, max_calls: int) -> None:
-    """Serves ``servicer`` the way `p11kms serve` does: its gRPC server factory and its handler-pool sizer."""
-    import logging
+    """Serves ``servicer`` the way `p11kms serve` does: with its gRPC server factory."""
+    from p11kms.plugin.server import grpc_serving
 
-    from p11kms.plugin.server import WorkerSizer, grpc_serving
-
-    logging.basicConfig(level=logging.INFO)  # the sizer's "more handler threads" lines go to the server's log
     serving = grpc_serving(servicer, sessions, max_calls)
-    WorkerSizer(serving.calls, logging.getLogger("bench")).start()
     serving.server.add_insecure_port(f"unix:{socket}")
     serving.server.start()
     serving.server.wait_for_termination()

@@ -58,6 +58,14 @@ def wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def calls_held(plugin: PluginProcess) -> float:
+    """The plugin's own count of the calls it holds (running or waiting for a handler thread)."""
+    for line in plugin.http_get("/metrics")[1].splitlines():
+        if line.startswith("p11kms_grpc_calls_held "):
+            return float(line.split()[1])
+    raise AssertionError("no p11kms_grpc_calls_held in /metrics")
+
+
 def hsm_operations(faults: FaultControl) -> tuple[int, int]:
     return faults.calls("C_EncryptInit"), faults.calls("C_DecryptInit")
 
@@ -177,7 +185,7 @@ def test_calls_beyond_the_concurrency_bound_are_resource_exhausted(slow_plugin: 
         for thread in holders:
             thread.start()
         wait_until(lambda: hsm_operations(faults)[0] > encrypts_before)
-        time.sleep(0.3)  # the other three have arrived and wait for the session
+        wait_until(lambda: calls_held(plugin) == 4)  # the other three are held, waiting for the one thread
         extra = together([("Encrypt", lambda: patient.encrypt(b"x" * 32)), ("Status", patient.status)] * 2)
         for thread in holders:
             thread.join(30)

@@ -24,17 +24,15 @@ from unittest import mock
 import grpc
 import pytest
 
-from p11kms.plugin.server import SERVING, STOPPING, CallExecutor, LockHolder, SocketLock, WorkerSizer
+from p11kms.plugin.server import SERVING, STOPPING, HandlerPool, LockHolder, SocketLock
 from tests.support import (
     AS_PID_1,
     FaultControl,
     HsmEnv,
     PluginProcess,
-    SetClock,
     inner_pid,
     start_fault_plugin,
     start_plugin,
-    thread_count,
     wait_until_serving,
 )
 
@@ -187,6 +185,14 @@ def wait_for_first_probe(faults: FaultControl) -> None:
     assert wait_for(lambda: faults.calls("C_Decrypt") >= 1), "the start-up health probe never ran"
 
 
+def calls_held(plugin: PluginProcess) -> float:
+    """The plugin's own count of the calls it holds (running or waiting for a handler thread)."""
+    for line in plugin.http_get("/metrics")[1].splitlines():
+        if line.startswith("p11kms_grpc_calls_held "):
+            return float(line.split()[1])
+    raise AssertionError("no p11kms_grpc_calls_held in /metrics")
+
+
 def encrypt_in_background(plugin: PluginProcess, results: list[tuple[str, str]]) -> threading.Thread:
     """Starts one Encrypt with a long deadline; appends (code, key_id or details) when it ends."""
     def call() -> None:
@@ -230,17 +236,17 @@ def test_sigterm_lets_in_flight_calls_finish_ok_within_the_grace(hsm_env: HsmEnv
 def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_queued_ones_included_finish(
         hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path, new_key: Keys) -> None:
     label, key_uuid = new_key()
-    plugin = start_fault_plugin(hsm_env, faults, tmp_path / "p11kms.cfg", label, Sessions="4",
+    plugin = start_fault_plugin(hsm_env, faults, tmp_path / "p11kms.cfg", label, Sessions="2",
                                 Shutdown_Grace="5", Health_Interval="300")
     try:
         wait_for_first_probe(faults)
         faults.set("latency_ms 400")
         inits = faults.calls("C_EncryptInit")
         results: list[tuple[str, str]] = []
-        # Four calls on a pool that starts with two threads: two reach the HSM, two wait for a thread.
+        # Four calls on two handler threads (Sessions = 2): two reach the HSM, two wait for a thread.
         workers = [encrypt_in_background(plugin, results) for _ in range(4)]
-        assert wait_for(lambda: faults.calls("C_EncryptInit") - inits >= 2), "the calls never reached the HSM"
-        time.sleep(0.2)  # the other two are accepted and queued by now
+        assert wait_for(lambda: faults.calls("C_EncryptInit") - inits == 2), "the calls never reached the HSM"
+        assert wait_for(lambda: calls_held(plugin) == 4), "the other two were never accepted"
         plugin.signal(signal.SIGTERM)
         assert wait_for(lambda: "stopping; finishing in-flight calls" in plugin.log())
         late = rpc_error(lambda: plugin.client(timeout=5).encrypt(b"late" * 8))
@@ -256,7 +262,7 @@ def test_a_call_arriving_during_the_stop_is_refused_while_accepted_calls_queued_
 
 
 def test_a_stop_waits_for_the_calls_accepted_before_it_queued_ones_included_and_no_later_ones() -> None:
-    pool = CallExecutor(1, "test")
+    pool = HandlerPool(1, "test")
     release, later_release = threading.Event(), threading.Event()
     try:
         running = pool.submit(release.wait, 10)
@@ -272,7 +278,7 @@ def test_a_stop_waits_for_the_calls_accepted_before_it_queued_ones_included_and_
         pool.shutdown()
 
 
-def blocked_calls(pool: CallExecutor, count: int, release: threading.Event) -> list[threading.Event]:
+def blocked_calls(pool: HandlerPool, count: int, release: threading.Event) -> list[threading.Event]:
     """Hands ``count`` calls to ``pool`` that each report when they start and then wait for ``release``."""
     started = [threading.Event() for _ in range(count)]
     for event in started:
@@ -280,20 +286,22 @@ def blocked_calls(pool: CallExecutor, count: int, release: threading.Event) -> l
     return started
 
 
-def test_the_handler_pool_starts_small_queues_beyond_it_and_grows_when_allowed() -> None:
-    pool = CallExecutor(8, "test", start_workers=2)
+def pool_threads(name: str) -> int:
+    return sum(thread.name.startswith(f"{name}_") for thread in threading.enumerate())
+
+
+def test_the_handler_pool_runs_as_many_calls_as_it_has_threads_and_queues_the_rest() -> None:
+    pool = HandlerPool(2, "pool-under-test")
     release = threading.Event()
     try:
         started = blocked_calls(pool, 5, release)
         assert wait_for(lambda: sum(e.is_set() for e in started) == 2, 5)
-        time.sleep(0.1)
-        assert sum(e.is_set() for e in started) == 2 and pool.threads == 2  # three calls wait for a thread
-        assert pool.backlog_seen() and pool.backlog_seen()  # for as long as they wait
-        assert pool.allow_more_workers() == 4 and pool.threads == 4
-        assert wait_for(lambda: sum(e.is_set() for e in started) == 4, 5)
-        assert pool.allow_more_workers() == 8 and pool.allow_more_workers() == 8  # never past the ceiling
+        assert pool.calls_held == 5 and pool_threads("pool-under-test") == 2  # three calls wait for a thread
+        release.set()
         assert wait_for(lambda: all(e.is_set() for e in started), 5)
-        assert not pool.backlog_seen()  # every call has a thread
+        assert wait_for(lambda: pool.calls_held == 0, 5)
+        assert [pool.submit(lambda: "served").result(5) for _ in range(3)] == ["served"] * 3
+        assert pool_threads("pool-under-test") == 2
     finally:
         release.set()
         pool.shutdown()
@@ -307,15 +315,13 @@ def refused_thread_start() -> mock._patch[mock.MagicMock]:
 
 
 def test_a_refused_thread_start_keeps_the_pools_counts_and_its_calls_are_served_by_the_running_threads() -> None:
-    pool = CallExecutor(8, "test", start_workers=2)
+    pool = HandlerPool(8, "test")
     release = threading.Event()
     try:
         started = blocked_calls(pool, 2, release)
         assert wait_for(lambda: all(e.is_set() for e in started), 5)
         with refused_thread_start():
-            assert pool.allow_more_workers() == 4 and pool.threads == 2
             queued = pool.submit(lambda: "done")  # no thread is free and none can be started: it queues
-        assert pool.backlog_seen()  # the sizer still sees the wait
         release.set()
         assert queued.result(5) == "done"
         assert pool.finish_accepted_calls(5)  # every call counted in was counted out
@@ -326,7 +332,7 @@ def test_a_refused_thread_start_keeps_the_pools_counts_and_its_calls_are_served_
 
 
 def test_a_pool_that_cannot_start_any_thread_refuses_the_call_instead_of_queueing_it_for_nobody() -> None:
-    pool = CallExecutor(8, "test", start_workers=2)
+    pool = HandlerPool(8, "test")
     try:
         with refused_thread_start(), pytest.raises(RuntimeError, match="could not start a thread"):
             pool.submit(lambda: "never")
@@ -334,172 +340,6 @@ def test_a_pool_that_cannot_start_any_thread_refuses_the_call_instead_of_queuein
         assert pool.submit(lambda: "done").result(5) == "done"  # threads start again once the system allows
     finally:
         pool.shutdown()
-
-
-def allowance_after_two_looks(running: int, cpu_seconds_per_look: float) -> tuple[int, int]:
-    """A fresh pool of two threads with ``running`` blocked calls; the allowance after one and after two looks."""
-    pool = CallExecutor(16, "test", start_workers=2)
-    cpu = SetClock()  # the process's CPU seconds as the sizer reads them: its rule is under test, not the machine
-    sizer = WorkerSizer(pool, logging.getLogger("test"), process_cpu=cpu)
-    release = threading.Event()
-    try:
-        blocked_calls(pool, running, release)
-        allowances = []
-        for _ in range(2):
-            time.sleep(0.05)
-            cpu.now += cpu_seconds_per_look  # 1.0 in 0.05 s or a little more: over a whole core busy
-            sizer.look()
-            allowances.append(pool.workers_allowed)
-        return allowances[0], allowances[1]
-    finally:
-        release.set()
-        pool.shutdown()
-
-
-def test_the_sizer_grows_only_while_calls_keep_queueing_and_cpu_is_spare() -> None:
-    assert allowance_after_two_looks(running=3, cpu_seconds_per_look=0.0) == (2, 4)  # one look is no trend
-    assert allowance_after_two_looks(running=3, cpu_seconds_per_look=1.0) == (2, 2)  # calls wait for the GIL
-    assert allowance_after_two_looks(running=2, cpu_seconds_per_look=0.0) == (2, 2)  # nothing waits
-
-
-def grown_pool(threads: int) -> CallExecutor:
-    """A pool that started with two threads, grew to ``threads`` for as many calls at once, and is idle again."""
-    pool = CallExecutor(16, "test", start_workers=2)
-    release = threading.Event()
-    started = blocked_calls(pool, threads, release)
-    while pool.workers_allowed < threads:
-        pool.allow_more_workers()
-    assert wait_for(lambda: all(e.is_set() for e in started), 5)
-    release.set()
-    assert wait_for(lambda: pool.most_calls_since_last_look() == 0, 5)
-    pool.backlog_seen()  # as a look would: the calls that queued while it grew are history
-    return pool
-
-
-def quiet_sizer(pool: CallExecutor, clock: SetClock) -> WorkerSizer:
-    """A sizer on ``clock``; the process's CPU reads as idle, so only the shrinking rule and backlog are at work."""
-    return WorkerSizer(pool, logging.getLogger("test"), process_cpu=SetClock(), clock=clock)
-
-
-def test_the_sizer_lets_threads_go_after_30_s_with_at_most_half_of_them_needed_never_below_the_start() -> None:
-    pool, clock = grown_pool(8), SetClock()
-    sizer = quiet_sizer(pool, clock)
-    release = threading.Event()
-    try:
-        window = WorkerSizer.SHRINK_AFTER_SECONDS
-        for seconds, allowed in ((window / 2, 8), (window / 2 + 1, 4), (window / 2, 4), (window / 2 + 1, 2),
-                                 (window + 1, 2), (window + 1, 2)):
-            clock.now += seconds
-            sizer.look()
-            assert pool.workers_allowed == allowed, (clock.now, allowed)
-        assert wait_for(lambda: pool.threads == 2, 5)
-        started = blocked_calls(pool, 4, release)  # a new burst on a slow HSM: calls queue, the CPU is idle
-        assert wait_for(lambda: sum(e.is_set() for e in started) == 2, 5)
-        for _ in range(2):
-            clock.now += 0.1
-            sizer.look()
-        assert pool.workers_allowed == 4 and wait_for(lambda: all(e.is_set() for e in started), 5)
-    finally:
-        release.set()
-        pool.shutdown()
-
-
-def test_the_sizer_keeps_threads_while_more_than_half_are_busy_and_lets_only_idle_ones_go() -> None:
-    pool, clock = grown_pool(8), SetClock()
-    sizer = quiet_sizer(pool, clock)
-    longer, shorter = threading.Event(), threading.Event()
-    try:
-        started = blocked_calls(pool, 3, longer) + blocked_calls(pool, 2, shorter)
-        assert wait_for(lambda: all(event.is_set() for event in started), 5)
-        for _ in range(3):  # five calls in eight threads for three windows: a steady load on a slow HSM
-            clock.now += WorkerSizer.SHRINK_AFTER_SECONDS + 1
-            sizer.look()
-        assert pool.workers_allowed == 8 and pool.threads == 8
-        shorter.set()
-        assert wait_for(lambda: pool.most_calls_since_last_look() == 3, 5)
-        sizer.look()
-        clock.now += WorkerSizer.SHRINK_AFTER_SECONDS + 1
-        sizer.look()  # three calls in eight threads for a whole window
-        assert pool.workers_allowed == 4 and wait_for(lambda: pool.threads == 4, 5)  # three busy + one idle
-        longer.set()
-        assert pool.finish_accepted_calls(5)  # no running call was cut short
-        assert pool.submit(lambda: "served").result(5) == "served"
-    finally:
-        longer.set()
-        shorter.set()
-        pool.shutdown()
-
-
-def test_threads_busy_during_a_shrink_leave_once_their_call_ends_even_at_the_start_size() -> None:
-    pool = grown_pool(8)
-    release = threading.Event()
-    try:
-        started = blocked_calls(pool, 6, release)
-        assert wait_for(lambda: all(e.is_set() for e in started), 5)
-        assert pool.allow_fewer_workers() == 4 and wait_for(lambda: pool.threads == 6, 5)  # the two idle ones left
-        assert pool.allow_fewer_workers() == 2  # the start size: no later shrink will tidy up
-        release.set()
-        assert wait_for(lambda: pool.threads == 2, 5)
-        assert pool.submit(lambda: "served").result(5) == "served" and pool.threads == 2
-    finally:
-        release.set()
-        pool.shutdown()
-
-
-def test_a_shrink_lets_queued_calls_have_their_threads_and_reports_no_backlog_once_they_run() -> None:
-    pool = grown_pool(8)
-    hsm = threading.Event()  # a slow HSM: the calls hold their threads until it answers
-    held = [pool.submit(hsm.wait, 10) for _ in range(4)]
-    switch_interval = sys.getswitchinterval()
-    try:
-        assert wait_for(lambda: pool.most_calls_since_last_look() == 4, 5)
-        # Two calls arrive just before the shrink, before any woken thread has taken them: this thread
-        # keeps the GIL for the whole step (a long switch interval, and no call here blocks).
-        sys.setswitchinterval(1.0)
-        held += [pool.submit(hsm.wait, 10) for _ in range(2)]
-        allowed = pool.allow_fewer_workers()
-        sys.setswitchinterval(switch_interval)
-        assert allowed == 4
-        assert wait_for(lambda: pool.most_calls_since_last_look() == 6 and pool.threads == 6, 5)
-        assert not pool.backlog_seen()  # every call has its thread
-        hsm.set()
-        assert [call.result(5) for call in held] == [True] * 6
-        assert wait_for(lambda: pool.threads == 4, 5)
-    finally:
-        sys.setswitchinterval(switch_interval)
-        hsm.set()
-        pool.shutdown()
-
-
-def test_a_slow_hsm_gets_more_handler_threads(hsm_env: HsmEnv, faults: FaultControl, tmp_path: Path,
-                                             new_key: Keys) -> None:
-    label, key_uuid = new_key()
-    plugin = start_fault_plugin(hsm_env, faults, tmp_path / "p11kms.cfg", label, Sessions="8",
-                                Health_Interval="300")
-    try:
-        wait_for_first_probe(faults)
-        threads_before = thread_count(plugin.proc.pid)
-        faults.set("latency_ms 50")  # an operation now waits 0.1 s on the HSM, using no CPU
-        results: list[tuple[str, str]] = []
-        stop = threading.Event()
-
-        def keep_calling() -> None:
-            while not stop.is_set():
-                encrypt_in_background(plugin, results).join(10)
-
-        callers = [threading.Thread(target=keep_calling) for _ in range(8)]
-        for caller in callers:
-            caller.start()
-        grew = wait_for(lambda: "more handler threads" in plugin.log(), 15)
-        stop.set()
-        for caller in callers:
-            caller.join(20)
-        threads_after = thread_count(plugin.proc.pid)
-    finally:
-        plugin.stop()
-    assert grew, plugin.log()
-    assert threads_after >= threads_before + 2
-    assert results and set(results) == {("OK", key_uuid)}
 
 
 def test_the_serving_process_does_not_load_the_operator_tools_libraries(hsm_env: HsmEnv, tmp_path: Path,

@@ -11,6 +11,7 @@ whose series is born at 1 has an ``increase()`` of 0, so the first event would f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -60,6 +61,8 @@ class Metrics:
                                   ["function", "ckr"], registry=r)
         self.in_flight_gauge = Gauge("p11kms_hsm_operations_in_flight", "HSM operations running right now.",
                                      registry=r)
+        self.calls_held = Gauge("p11kms_grpc_calls_held", "KMS v2 calls held right now, running or waiting for a "
+                                "handler thread; at Max_Calls further calls are refused.", registry=r)
         self.hsm_up = Gauge("p11kms_hsm_up", "1 while the HSM connection is usable, else 0.", registry=r)
         self.hsm_state_info = Gauge("p11kms_hsm_state", "The HSM connection state (1 for the current one).",
                                     ["state"], registry=r)
@@ -109,6 +112,10 @@ class Metrics:
 
     def in_flight(self, delta: int) -> None:
         self.in_flight_gauge.inc(delta)
+
+    def count_calls_held(self, held: Callable[[], int]) -> None:
+        """The gRPC server's calls held, read at each scrape (nothing is counted per call here)."""
+        self.calls_held.set_function(held)
 
     # SupervisorObserver
     def keyring_loaded(self, keyring: Keyring) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import faulthandler
 import fcntl
 import hashlib
-import itertools
 import logging
 import os
 import queue
@@ -44,9 +43,8 @@ from p11kms.plugin.supervisor import KeyringSupervisor, adopt_reloadable, log_ke
 
 FIRST_HEALTH_ANSWER_SECONDS = 5.0  # how long start waits for the first probe, so Status never says "pending"
 # After the last call was answered at a stop, how long the connections stay open so that callers
-# read their answers before gRPC closes the connections (see CallExecutor).
+# read their answers before gRPC closes the connections (see HandlerPool).
 ANSWER_DELIVERY_SECONDS = 0.1
-START_WORKERS = 2  # handler threads at start and at least; WorkerSizer adds more for a slow HSM
 _T = TypeVar("_T")
 
 class SocketInUse(Exception):
@@ -264,185 +262,95 @@ def handed_over_after_stop() -> bool:
     return bool(getattr(_running, "handed_over_after_stop", False))
 
 
-class CallExecutor(futures.ThreadPoolExecutor):
-    """The thread pool gRPC runs handlers on: it starts small, can grow and shrink back, and a stop can wait
-    for its calls.
+class HandlerPool(futures.ThreadPoolExecutor):
+    """The threads gRPC runs handlers on: at most ``threads``, each started when a call finds none free;
+    calls beyond them wait in a queue, in arrival order.
 
-    Growing and shrinking: see WorkerSizer. ThreadPoolExecutor cannot grow later: it starts a thread
-    only while its count of finished calls, which it takes for idle threads, is zero, and under load
-    that count only rises. So threads, queue and accounting here are this class's own; it subclasses
-    ThreadPoolExecutor only because grpcio takes a per-method pool (Status) only of that class. A
-    thread leaves when it takes a ``None`` from the queue: shrinking queues one for each surplus idle
-    thread, a shutdown one for every thread.
-
-    Stopping: a stop waits for the calls handed over before it, queued ones included, before it
-    lets gRPC close the connections: grpcio closes a connection in the same instant as its last
-    call ends, and a client that happens to write on it then (an HTTP/2 ping or window update)
-    loses the answer it had not read yet (UNAVAILABLE "Stream removed"). Calls handed over once
-    the wait began are not waited for: the service refuses them in microseconds, and a steady
-    stream of them must not hold the stop up until Shutdown_Grace.
+    A plain ThreadPoolExecutor would do but for two things. Its threads are joined at exit, so a
+    call stuck in a wedged PKCS#11 library would keep the process from ever exiting (Stuck_Call_Exit);
+    these are daemon threads nobody joins. And a stop must wait for the calls handed over before it,
+    queued ones included, before it lets gRPC close the connections: grpcio closes a connection in
+    the same instant as its last call ends, and a client that happens to write on it then (an HTTP/2
+    ping or window update) loses the answer it had not read yet. Calls handed over once the wait
+    began are not waited for: the service refuses them in microseconds, and a steady stream of them
+    must not hold the stop up until Shutdown_Grace. It subclasses ThreadPoolExecutor only because
+    grpcio takes a per-method pool (Status) only of that class.
     """
 
-    def __init__(self, max_workers: int, thread_name_prefix: str, start_workers: int | None = None) -> None:
-        super().__init__(max_workers=1)  # starts nothing; see the class comment
-        self.ceiling = max_workers
-        self._name = thread_name_prefix
-        self._allowed = min(start_workers or max_workers, max_workers)
-        self.least = self._allowed  # shrinking stops here
+    def __init__(self, threads: int, name: str) -> None:
+        super().__init__(max_workers=1)  # starts nothing: the threads and the queue are this class's own
+        self.size = threads
+        self._name = name
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Condition(threading.Lock())
-        self._workers: list[threading.Thread] = []
-        self._numbers = itertools.count()  # thread names stay unique as threads come and go
-        self._idle_threads = 0  # threads not running a call, those about to leave included
-        self._leaving = 0  # threads told to leave (a None is queued for each) that have not taken it yet
-        self._calls_peak = 0  # most calls held at once (running or queued) since the last look
-        self._queued = 0  # calls handed over that no thread has taken yet
-        self._unfinished = 0
-        self._waiting = False
-        self._backlog = False
-        self._closed = False
-
-    @property
-    def workers_allowed(self) -> int:
-        return self._allowed
-
-    @property
-    def threads(self) -> int:
-        return len(self._workers)
-
-    def allow_more_workers(self) -> int:
-        """Doubles the threads the pool may run, up to its ceiling, and starts them; returns the allowance."""
-        with self._lock:
-            self._allowed = min(self.ceiling, 2 * self._allowed)
-            while self._staying() < self._allowed and not self._closed and self._start_thread():
-                pass
-            return self._allowed
-
-    def allow_fewer_workers(self) -> int:
-        """Halves the allowance, never below where the pool started, and lets surplus idle threads go (a
-        running call is never cut short: busy surplus threads leave when their call ends); returns the
-        allowance."""
-        with self._lock:
-            self._allowed = max(self.least, self._allowed // 2)
-            # Queued calls come before the Nones: the threads that will take them are not surplus.
-            surplus = min(self._staying() - self._allowed, self._free_threads() - self._queued)
-            for _ in range(max(0, surplus)):
-                self._leaving += 1
-                self._calls.put(None)
-            return self._allowed
-
-    def backlog_seen(self) -> bool:
-        """Whether a call had to queue for a thread since the last look, or one is queued now."""
-        with self._lock:
-            seen = self._backlog or self._queued > self._free_threads()
-            self._backlog = False
-            return seen
-
-    def most_calls_since_last_look(self) -> int:
-        """The most calls the pool held at once since the last look, running or queued (those held now
-        included): the threads the load asked for."""
-        with self._lock:
-            held_now = self._held_calls()
-            most, self._calls_peak = max(self._calls_peak, held_now), held_now
-            return most
-
-    def _held_calls(self) -> int:
-        return len(self._workers) - self._idle_threads + self._queued
-
-    def _staying(self) -> int:
-        return len(self._workers) - self._leaving
-
-    def _free_threads(self) -> int:
-        """Idle threads that will take a call: those told to leave take their None first."""
-        return self._idle_threads - self._leaving
+        self._started = 0
+        self._free = 0  # threads waiting for a call that no queued call has claimed yet
+        self._unclaimed = 0  # queued calls no free or new thread was claimed for: a finishing thread takes them
+        self.calls_held = 0  # handed over and not finished, queued or running
+        self._accepted = 0  # of those, handed over before a stop began to wait
+        self._stopping = False
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> futures.Future[_T]:
         future: futures.Future[_T] = futures.Future()
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the handler pool is shut down")
-            counted = not self._waiting
-            self._unfinished += counted
-            self._queued += 1
-            self._calls_peak = max(self._calls_peak, self._held_calls())
-            no_free_thread = self._queued > self._free_threads()
-            if no_free_thread and (self._staying() >= self._allowed or not self._start_thread()):
-                self._backlog = True
-            if not self._workers:  # no thread could be started at all: nobody would ever take the call
-                self._queued -= 1
-                self._unfinished -= counted
+            late = self._stopping
+            if self._free:
+                self._free -= 1
+            elif self._started < self.size and self._start_thread():
+                pass
+            elif self._started:
+                self._unclaimed += 1
+            else:  # no thread could be started at all: nobody would ever take the call
                 raise RuntimeError("the handler pool could not start a thread")
-        self._calls.put((future, fn, args, kwargs, counted))
+            self.calls_held += 1
+            self._accepted += not late
+        self._calls.put((future, fn, args, kwargs, late))
         return future
 
     def _start_thread(self) -> bool:
-        """Starts one more thread; False when the system refuses one (the call then waits for a running one)."""
-        # Daemon: a thread stuck in a hung HSM call must not keep the process from exiting.
-        thread = threading.Thread(target=self._work, name=f"{self._name}_{next(self._numbers)}", daemon=True)
+        """Starts one more thread for the call being handed over; False when the system refuses one."""
+        thread = threading.Thread(target=self._work, name=f"{self._name}_{self._started}", daemon=True)
         try:
             thread.start()
         except RuntimeError:  # "can't start new thread": a process or memory limit
             return False
-        self._workers.append(thread)
-        self._idle_threads += 1  # free from now on: it takes the next queued call
+        self._started += 1
         return True
 
     def _work(self) -> None:
-        while True:
-            call = self._calls.get()
+        while (call := self._calls.get()) is not None:
+            future, fn, args, kwargs, late = call
+            _running.handed_over_after_stop = late
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # handed to the future, as ThreadPoolExecutor does
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
             with self._lock:
-                self._idle_threads -= 1
-                if call is None:  # told to leave: the pool shrinks or shuts down
-                    self._leaving -= 1
-                    self._workers.remove(threading.current_thread())
-                    return
-                self._queued -= 1
-            future, fn, args, kwargs, counted = call
-            _running.handed_over_after_stop = not counted
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        result = fn(*args, **kwargs)
-                    except BaseException as exc:  # handed to the future, as ThreadPoolExecutor does
-                        future.set_exception(exc)
-                    else:
-                        future.set_result(result)
-            finally:
-                leave = self._done(counted)
+                self.calls_held -= 1
+                if not late:
+                    self._accepted -= 1
+                    if self._accepted == 0:
+                        self._lock.notify_all()
+                if self._unclaimed:
+                    self._unclaimed -= 1
+                else:
+                    self._free += 1
             del call, future, fn, args, kwargs  # drop references before waiting for the next call
-            if leave:
-                return
-
-    def _done(self, counted: bool) -> bool:
-        """Counts a finished call out; True when the calling thread is one more than the allowance and leaves
-        (a shrink lets only idle threads go at once; those busy then leave here)."""
-        with self._lock:
-            if counted:
-                self._unfinished -= 1
-                if self._unfinished == 0:
-                    self._lock.notify_all()
-            if self._staying() > self._allowed and not self._closed:
-                self._workers.remove(threading.current_thread())
-                return True
-            self._idle_threads += 1
-            return False
 
     def finish_accepted_calls(self, timeout: float) -> bool:
         """Waits until every call handed over before this call has finished; False after ``timeout`` s."""
         with self._lock:
-            self._waiting = True
-            return self._lock.wait_for(lambda: self._unfinished == 0, timeout)
+            self._stopping = True
+            return self._lock.wait_for(lambda: self._accepted == 0, timeout)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
-            self._closed = True
-            threads = list(self._workers)
-            self._leaving += len(threads)
-        for _ in threads:
+            threads, self._started, self._free = self._started, 0, 0
+        for _ in range(threads):
             self._calls.put(None)
-        if wait:
-            for thread in threads:
-                thread.join()
 
 
 @dataclass
@@ -450,8 +358,11 @@ class GrpcServing:
     """A gRPC server and the pools its handlers run on (see ``grpc_serving``)."""
 
     server: grpc.Server
-    calls: CallExecutor
-    status: CallExecutor
+    calls: HandlerPool
+    status: HandlerPool
+
+    def calls_held(self) -> int:
+        return self.calls.calls_held + self.status.calls_held
 
     def finish_accepted_calls(self, timeout: float) -> bool:
         """True once every call accepted so far has finished; False if ``timeout`` s passed first."""
@@ -467,7 +378,7 @@ class _StatusOnItsOwnThread:
     that ignores the attribute runs Status on the shared pool, which is only slower.
     """
 
-    def __init__(self, servicer: api_pb2_grpc.KeyManagementServiceServicer, status_pool: CallExecutor) -> None:
+    def __init__(self, servicer: api_pb2_grpc.KeyManagementServiceServicer, status_pool: HandlerPool) -> None:
         self.Encrypt = servicer.Encrypt
         self.Decrypt = servicer.Decrypt
         answer_status: Callable[[Any, grpc.ServicerContext], Any] = servicer.Status
@@ -483,17 +394,14 @@ def grpc_serving(servicer: api_pb2_grpc.KeyManagementServiceServicer, sessions: 
                  max_calls: int) -> GrpcServing:
     """A gRPC server serving ``servicer`` that holds at most ``max_calls`` calls at once (beyond: RESOURCE_EXHAUSTED).
 
-    The handler pool starts with START_WORKERS threads and may grow to two per HSM session
-    (WorkerSizer decides): every thread beyond what keeps the HSM busy only fights over the GIL
-    (measured on SoftHSM2 at 16 callers: 2 threads cost 400-565 µs of CPU per call, 16 threads
-    620-750 µs), while a network HSM needs as many threads as operations it should have in flight.
-    Held calls beyond the workers wait in the executor's queue, and when one gets a thread,
-    HsmAdmission refuses it at once if its deadline can no longer be met, so the HSM does no work
-    for a caller that gave up. The bound caps threads and memory. Status has a thread of its own:
-    kube-apiserver's health check must not queue behind Decrypts.
+    ``max_calls`` is the one bound on calls in flight; gRPC enforces it as each call arrives. Encrypt
+    and Decrypt run on one handler thread per HSM session, so every running call has a session and no
+    more threads fight over the GIL than the HSM can keep busy; the others wait in the pool's queue, and
+    when one gets a thread, HsmAdmission refuses it at once if its deadline can no longer be met.
+    Status has a thread of its own: kube-apiserver's health check must not queue behind Decrypts.
     """
-    calls = CallExecutor(min(max_calls, 2 * sessions), "kms", start_workers=START_WORKERS)
-    status = CallExecutor(1, "kms-status")
+    calls = HandlerPool(sessions, "kms")
+    status = HandlerPool(1, "kms-status")
     server = grpc.server(calls, maximum_concurrent_rpcs=max_calls,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -501,88 +409,6 @@ def grpc_serving(servicer: api_pb2_grpc.KeyManagementServiceServicer, sessions: 
     api_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
         _StatusOnItsOwnThread(servicer, status), server)
     return GrpcServing(server, calls, status)
-
-
-class WorkerSizer:
-    """Grows the handler pool while calls keep queueing and the process has CPU to spare; shrinks it back
-    when for 30 s the pool never held more calls at once than half its threads.
-
-    Calls that queue while the process is far from one core busy are waiting for threads that
-    themselves wait on the HSM: more threads put more operations in flight. Calls that queue while
-    the process is busy wait for the GIL, which more threads would only share more ways. Both
-    must hold for two looks in a row (0.2 s), so that a burst at the edge of a quiet period
-    does not count. The allowance doubles each time.
-
-    Threads the load no longer needs are let go, or a pool grown for one slow spell of the HSM would
-    make every later call dearer until a restart (more threads, more GIL hand-offs). The rule looks
-    only at how many calls the pool held (running or queued), never at CPU: under a steady load on a
-    slow HSM every thread is busy, so nothing shrinks, and a pool shrunk in a quiet spell grows again
-    within a second.
-    If other processes starve p11kms of CPU it may grow when it should not; it shrinks back once
-    the load falls.
-    """
-
-    SPARE_CPU = 0.8  # cores: below this, the GIL is not what the queued calls wait for
-    LOOK_SECONDS = 0.1
-    SHRINK_AFTER_SECONDS = 30.0  # never more calls than half the threads for this long: halve the pool
-
-    def __init__(self, pool: CallExecutor, logger: logging.Logger,
-                 process_cpu: Callable[[], float] = time.process_time,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._pool = pool
-        self._log = logger
-        self._process_cpu = process_cpu
-        self._clock = clock
-        self._looked_at, self._cpu_then = clock(), process_cpu()
-        self._wanted_before = False
-        self._quiet_since = self._looked_at  # since when the pool held at most half its allowance in calls
-        self._quiet_peak = 0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="worker-sizer")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.LOOK_SECONDS):
-            self.look()
-
-    def look(self) -> None:
-        now, cpu = self._clock(), self._process_cpu()
-        busy = (cpu - self._cpu_then) / max(now - self._looked_at, 1e-3)
-        self._looked_at, self._cpu_then = now, cpu
-        most_calls = self._pool.most_calls_since_last_look()
-        wanted = self._pool.backlog_seen() and busy < self.SPARE_CPU
-        grow, self._wanted_before = wanted and self._wanted_before, wanted
-        if grow and self._pool.workers_allowed < self._pool.ceiling:
-            self._grow(busy)
-        else:
-            self._shrink_if_quiet(now, most_calls)
-
-    def _grow(self, busy: float) -> None:
-        self._wanted_before = False  # the next step is judged on the new allowance alone
-        allowed = self._pool.allow_more_workers()
-        self._quiet_since, self._quiet_peak = self._looked_at, 0
-        log_event(self._log, logging.INFO, "more handler threads: calls kept queueing while the process had CPU "
-                  "to spare, so the HSM's answer time is the bound", threads=allowed, ceiling=self._pool.ceiling,
-                  process_cpu=f"{busy:.2f}")
-
-    def _shrink_if_quiet(self, now: float, most_calls: int) -> None:
-        allowed = self._pool.workers_allowed
-        if most_calls > allowed // 2 or allowed <= self._pool.least:
-            self._quiet_since, self._quiet_peak = now, 0
-            return
-        self._quiet_peak = max(self._quiet_peak, most_calls)
-        if now - self._quiet_since < self.SHRINK_AFTER_SECONDS:
-            return
-        fewer = self._pool.allow_fewer_workers()
-        log_event(self._log, logging.INFO, f"fewer handler threads: for {self.SHRINK_AFTER_SECONDS:.0f} s the "
-                  f"{allowed} threads never had more than {self._quiet_peak} calls at once", threads=fewer,
-                  least=self._pool.least)
-        self._quiet_since, self._quiet_peak = now, 0
 
 
 class Plugin:
@@ -602,7 +428,6 @@ class Plugin:
         self.failure: str | None = None  # why the plugin stops by itself, to exit non-zero for a restart
         self.serving: GrpcServing | None = None
         self.service: KmsService | None = None
-        self.sizer: WorkerSizer | None = None
         self.lock = SocketLock(config.socket)
         self._socket_identity: SocketIdentity | None = None
         # The config generation (a short SHA-256 of the file) serving now, and the newest one rejected.
@@ -628,11 +453,9 @@ class Plugin:
         self.keys.start()
         if self.keys.unready_reason() is None:
             self.health.wait_for_first_answer(FIRST_HEALTH_ANSWER_SECONDS)
-        self.service = KmsService(self.keys, self.healthz, self.log, self.metrics,
-                                  admission=HsmAdmission(self.config.sessions))
+        self.service = KmsService(self.keys, self.healthz, self.log, self.metrics, admission=HsmAdmission())
         self.serving = grpc_serving(self.service, self.config.sessions, self.config.max_calls)
-        self.sizer = WorkerSizer(self.serving.calls, self.log)
-        self.sizer.start()
+        self.metrics.count_calls_held(self.serving.calls_held)
         staging = staging_path(self.config.socket)
         _bind(self.serving.server, self.config, staging)
         self.serving.server.start()
@@ -739,8 +562,6 @@ class Plugin:
     def stop(self) -> None:
         log_event(self.log, logging.INFO, "stopping; finishing in-flight calls",
                   grace_seconds=self.config.shutdown_grace, reason=self.failure or "SIGTERM or SIGINT")
-        if self.sizer is not None:
-            self.sizer.stop()
         if self.serving is not None and self.service is not None:
             self._finish_calls(self.serving, self.service)
         if self.http is not None:
@@ -752,7 +573,7 @@ class Plugin:
 
     def _finish_calls(self, serving: GrpcServing, service: KmsService) -> None:
         """Answers every call already accepted within Shutdown_Grace, refusing new ones, and only then
-        lets gRPC close the connections (see CallExecutor); calls still running after the grace are
+        lets gRPC close the connections (see HandlerPool); calls still running after the grace are
         cancelled."""
         give_up_at = time.monotonic() + self.config.shutdown_grace
         service.refuse_new_calls(handed_over_after_stop)

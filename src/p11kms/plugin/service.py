@@ -92,78 +92,41 @@ class DeadlineTooClose(Exception):
 class HsmAdmission:
     """Lets a call use the HSM only while it can still finish before its deadline.
 
-    When calls arrive faster than the HSM answers, a call that waits past its deadline has been
-    given up by its caller, yet would still cost the HSM an operation and delay every call
-    behind it: congestion collapse. A call is admitted only if the time it has left covers the
-    expected wait for one of the ``slots`` sessions plus one operation, both estimated from the
-    operations just finished; otherwise it is refused at once. A call that waits anyway gives
-    up while there is still time for the caller to hear why.
+    Calls beyond the handler threads (one per HSM session) wait in the handler pool's queue. A call
+    whose caller's deadline can no longer be met when it gets its thread would still cost the HSM an
+    operation and delay every call behind it: congestion collapse. So a call is admitted only if the
+    time it has left covers one operation, estimated from the operations just finished; otherwise it
+    is refused at once, in microseconds, while the caller may still hear why.
     """
 
     _SMOOTHING = 0.2  # weight of the newest operation in the running estimate
     _MARGIN = 1.25  # operations vary: a call that would end just at its deadline likely misses it
 
-    def __init__(self, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._slots = slots
-        self._free = slots
-        self._waiting = 0
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._operation = 0.0  # seconds one HSM operation takes; learned from the calls served
         self._clock = clock
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
 
     @contextmanager
-    def slot(self, remaining: float | None) -> Iterator[None]:
-        """Holds one HSM slot for the block, or raises DeadlineTooClose; ``remaining`` None: no deadline."""
-        self._enter(remaining)
+    def admitted(self, remaining: float | None) -> Iterator[None]:
+        """Runs the block if ``remaining`` s (None: no deadline) cover an operation, else raises DeadlineTooClose."""
+        if remaining is not None:
+            self._refuse_hopeless(remaining, self._operation * self._MARGIN)
         started = self._clock()
-        finished = False
-        try:
-            yield
-            finished = True
-        finally:
-            self._leave(self._clock() - started if finished else None)
-
-    def _enter(self, remaining: float | None) -> None:
-        with self._changed:
-            needed = self._operation * self._MARGIN
-            if remaining is not None:
-                self._refuse_hopeless(remaining, needed)
-            give_up_at = None if remaining is None else self._clock() + remaining - needed
-            self._waiting += 1
-            try:
-                while self._free == 0:
-                    left = None if give_up_at is None else give_up_at - self._clock()
-                    if left is not None and left <= 0:
-                        raise DeadlineTooClose(f"no HSM session became free in time; {self._advice()}")
-                    self._changed.wait(left)
-            finally:
-                self._waiting -= 1
-            if give_up_at is not None and self._clock() >= give_up_at:
-                self._changed.notify()  # woken too late: the free session goes to the next waiter
-                raise DeadlineTooClose(f"no HSM session became free in time; {self._advice()}")
-            self._free -= 1
+        yield
+        self._learn(self._clock() - started)  # failed operations say nothing about the pace of good ones
 
     def _refuse_hopeless(self, remaining: float, needed: float) -> None:
         if remaining <= 0:
             raise DeadlineTooClose("the caller's deadline passed before the call was started")
         if remaining <= needed:
             raise DeadlineTooClose(f"{remaining * 1000:.0f} ms left before the caller's deadline; an HSM "
-                                   f"operation takes about {self._operation * 1000:.0f} ms")
-        rounds = self._waiting // self._slots + 1 if self._free == 0 else 0
-        if rounds * self._operation + needed > remaining:
-            raise DeadlineTooClose(f"{self._waiting} calls are waiting for {self._slots} HSM sessions; the wait "
-                                   f"would outlast the {remaining * 1000:.0f} ms left; {self._advice()}")
+                                   f"operation takes about {self._operation * 1000:.0f} ms; raise Sessions if "
+                                   "the HSM has capacity, or the KMS timeout in the EncryptionConfiguration")
 
-    def _advice(self) -> str:
-        return (f"the HSM takes about {self._operation * 1000:.0f} ms an operation; raise Sessions if the HSM "
-                "has capacity, or the KMS timeout in the EncryptionConfiguration")
-
-    def _leave(self, seconds: float | None) -> None:
-        with self._changed:
-            self._free += 1
-            if seconds is not None:  # failed operations say nothing about the pace of good ones
-                self._operation += self._SMOOTHING * (seconds - self._operation) if self._operation else seconds
-            self._changed.notify()
+    def _learn(self, seconds: float) -> None:
+        with self._lock:
+            self._operation += self._SMOOTHING * (seconds - self._operation) if self._operation else seconds
 
 
 METHODS = ("Status", "Encrypt", "Decrypt")
@@ -216,7 +179,7 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
     def Encrypt(self, request: api_pb2.EncryptRequest, context: grpc.ServicerContext) -> api_pb2.EncryptResponse:
         def encrypt() -> api_pb2.EncryptResponse:
             check_plaintext_size(request.plaintext)  # before the call takes an HSM slot
-            with self._admission.slot(_time_left(context)):
+            with self._admission.admitted(_time_left(context)):
                 # Ciphertext and key_id come from the same keyring, even if a reload swaps it meanwhile.
                 ciphertext, key_id = self._keys.run(lambda keyring: (keyring.encrypt(request.plaintext),
                                                                      keyring.key_id))
@@ -228,7 +191,7 @@ class KmsService(api_pb2_grpc.KeyManagementServiceServicer):
     def Decrypt(self, request: api_pb2.DecryptRequest, context: grpc.ServicerContext) -> api_pb2.DecryptResponse:
         def decrypt() -> api_pb2.DecryptResponse:
             _check_decrypt_request(request)
-            with self._admission.slot(_time_left(context)):
+            with self._admission.admitted(_time_left(context)):
                 plaintext, role = self._keys.run(lambda keyring: (keyring.decrypt(request.ciphertext, request.key_id),
                                                                   keyring.key_for(request.key_id).role.value))
             self._observer.decrypted(request.key_id, role)
