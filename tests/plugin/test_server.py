@@ -24,7 +24,8 @@ from unittest import mock
 import grpc
 import pytest
 
-from p11kms.plugin.server import SERVING, STOPPING, HandlerPool, LockHolder, SocketLock
+from p11kms.plugin.server import HandlerPool
+from p11kms.plugin.socketowner import SERVING, STOPPING, LockHolder, SocketLock
 from tests.support import (
     AS_PID_1,
     FaultControl,

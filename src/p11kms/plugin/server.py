@@ -1,29 +1,21 @@
-"""Server lifecycle: open the HSM, claim the socket, serve, reload on SIGHUP, stop on SIGTERM."""
+"""Server lifecycle: open the HSM, claim the socket (socketowner), serve, reload on SIGHUP, stop on SIGTERM."""
 
 from __future__ import annotations
 
 import faulthandler
-import fcntl
-import hashlib
 import logging
-import os
 import queue
-import secrets
 import signal
-import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from p11kms.config import (
-    STAGING_NAME_BYTES,
     ConfigError,
     PluginConfig,
     load_config,
@@ -39,217 +31,26 @@ from p11kms.plugin.httpserver import PluginHttpServer, ProbeSource
 from p11kms.plugin.keyring import Keyring, KeyringError
 from p11kms.plugin.metrics import Metrics
 from p11kms.plugin.service import MAX_MESSAGE_BYTES, HsmAdmission, KmsService
+from p11kms.plugin.socketowner import (
+    SERVING,
+    STOPPING,
+    SocketIdentity,
+    SocketInUse as SocketInUse,  # re-exported: cli.py catches it from here
+    SocketLock,
+    bind_socket,
+    claim_socket_path,
+    publish_socket,
+    remove_own_socket,
+    staging_path,
+)
 from p11kms.plugin.supervisor import KeyringSupervisor, adopt_reloadable, log_keyring, restart_only_changes
 
 FIRST_HEALTH_ANSWER_SECONDS = 5.0  # how long start waits for the first probe, so Status never says "pending"
 # After the last call was answered at a stop, how long the connections stay open so that callers
 # read their answers before gRPC closes the connections (see HandlerPool).
 ANSWER_DELIVERY_SECONDS = 0.1
-_T = TypeVar("_T")
-
-class SocketInUse(Exception):
-    """The socket path is served by a live process or is not a socket at all."""
-
-
-def claim_socket_path(path: Path, logger: logging.Logger) -> None:
-    """Removes a stale socket left by a crash; refuses a live one or a file that is not a socket."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another Socket path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        log_event(logger, logging.WARNING, "removed stale socket left by an earlier process", socket=str(path))
-        return
-    finally:
-        probe.close()
-    raise SocketInUse(f"another process is already serving on {path}; stop it first or choose another Socket")
-
-
-def _bind(server: grpc.Server, config: PluginConfig, path: Path) -> None:
-    # The socket must never exist with looser permissions than configured, not even briefly.
-    previous = os.umask(0o177)
-    try:
-        if server.add_insecure_port(f"unix:{path}") == 0:
-            raise SocketInUse(f"cannot listen on {path}")
-    finally:
-        os.umask(previous)
-    if config.socket_gid is not None:  # resolved when the config was loaded: a bad group never gets here
-        os.chown(path, -1, config.socket_gid)
-    os.chmod(path, config.socket_mode)
-
-
-SocketIdentity = tuple[int, int]  # (st_dev, st_ino) of the socket file this process bound
-
-
-def staging_path(path: Path) -> Path:
-    """The private name the server binds before its socket is published at ``path``.
-
-    grpcio unlinks whatever sits at the path it binds, and unlinks that path again when it stops,
-    whoever owns the file by then. Bound to a private name that is gone once published, it can
-    neither take over a live socket nor delete a successor's.
-
-    The name is ``.`` + a digest of the socket's file name + random bytes, never the pid: in a
-    container p11kms is PID 1, so plugins with different sockets in one hostPath directory would
-    all pick ``.1`` and bind over each other. The digest keeps different sockets apart, the random
-    part one socket's successive starts.
-    """
-    named = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
-    staged = path.with_name(f".{named}.{secrets.token_hex(3)}")
-    assert len(staged.name) <= STAGING_NAME_BYTES  # config loading left room for exactly this much
-    return staged
-
-
-def publish_socket(staging: Path, path: Path, logger: logging.Logger) -> SocketIdentity:
-    """Hard-links the bound socket to its configured path; returns the identity of what was published.
-
-    The link fails rather than replace a socket that appeared meanwhile, and the file appears with
-    its final mode and group at once.
-    """
-    try:
-        claim_socket_path(path, logger)  # again: the HSM login since the first look took a while
-        try:
-            os.link(staging, path)
-        except FileExistsError:
-            raise SocketInUse(f"another process created {path} while p11kms was starting; stop it "
-                              "first or choose another Socket") from None
-        published = os.lstat(path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return published.st_dev, published.st_ino
-
-
-def remove_own_socket(path: Path, identity: SocketIdentity | None, logger: logging.Logger) -> None:
-    """Unlinks the socket file only if it is still the one this process published."""
-    if identity is None:
-        return
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if (info.st_dev, info.st_ino) == identity:
-        path.unlink(missing_ok=True)
-        return
-    log_event(logger, logging.WARNING, "the socket path now holds another file; left in place", socket=str(path))
-
-
-STARTING, SERVING, STOPPING = "starting", "serving", "stopping"
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}  # their handlers mark STOPPING (install_signal_handlers)
-
-
-@dataclass(frozen=True)
-class LockHolder:
-    """What the process holding a socket lock wrote into the lock file."""
-
-    pid: int | None
-    state: str
-
-    @classmethod
-    def read(cls, path: Path) -> LockHolder:
-        try:
-            fields = dict(part.split("=", 1) for part in path.read_text().split() if "=" in part)
-        except OSError:
-            fields = {}
-        pid = fields.get("pid", "")
-        return cls(int(pid) if pid.isdigit() else None, fields.get("state", ""))
-
-    def describe(self) -> str:
-        return f"pid {self.pid}" if self.pid is not None else "a process that has not written its pid yet"
-
-
-class SocketLock:
-    """An exclusive flock on ``<socket>.lock``, held from the first look at the socket until exit.
-
-    Looking at the socket path cannot tell two plugins started together apart: both see no
-    socket, and the HSM login lies between that look and the bind. The lock decides first. The
-    kernel drops it when the process dies, so a crash never leaves it held; the file stays,
-    because removing it would let one process lock the old file while another locks a new one.
-    The holder writes its pid and state into the file, for the message a second instance gives
-    and so that a successor started during a graceful stop waits for it instead of failing.
-    """
-
-    # Fixed width: a rewrite never leaves a shorter record with the tail of the previous one.
-    _RECORD = "pid={pid:<10} state={state:<10}\n"
-
-    def __init__(self, socket_path: Path) -> None:
-        self.socket = socket_path
-        self.path = socket_path.with_name(socket_path.name + ".lock")
-        self._fd: int | None = None
-        self._state = ""
-        self._marking = threading.Lock()
-
-    def acquire(self, patience: float, logger: logging.Logger) -> None:
-        """Takes the lock, or raises SocketInUse at once; a holder that is stopping gets ``patience`` s."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            self._wait_for(fd, time.monotonic() + patience, patience, logger)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        self.mark(STARTING)
-
-    def _wait_for(self, fd: int, give_up_at: float, patience: float, logger: logging.Logger) -> None:
-        unnamed_until = time.monotonic() + 1.0  # a holder writes its pid right after it locks
-        announced: int | None = None
-        while not _try_lock(fd):
-            holder = LockHolder.read(self.path)
-            now = time.monotonic()
-            if holder.pid is None and now < unnamed_until:
-                time.sleep(0.02)
-                continue
-            if holder.state != STOPPING:
-                raise SocketInUse(f"another p11kms ({holder.describe()}) is already serving on {self.socket} "
-                                  f"and holds {self.path}; stop it first or choose another Socket")
-            if now >= give_up_at:
-                raise SocketInUse(f"p11kms {holder.describe()} is still stopping after {patience:.0f}s and holds "
-                                  f"{self.path}; wait until it has exited, then start again")
-            if announced != holder.pid:
-                announced = holder.pid
-                log_event(logger, logging.INFO, f"waiting for {holder.describe()} to finish stopping",
-                          socket=str(self.socket))
-            time.sleep(0.05)
-
-    def mark(self, state: str) -> None:
-        """Records this process's state in the lock file (a no-op unless the lock is held).
-
-        Stopping is final: a SIGTERM during start must not be overwritten by the start finishing. The
-        SIGTERM handler marks STOPPING on the main thread, possibly in the middle of a mark there, so
-        the stop signals wait while one is written (their handlers run once it is done); a stuck-call
-        exit marks from another thread, hence the lock.
-        """
-        if self._fd is None:
-            return
-        blocked = _STOP_SIGNALS if threading.current_thread() is threading.main_thread() else set()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        try:
-            with self._marking:
-                if self._state == STOPPING:
-                    return
-                self._state = state
-                record = self._RECORD.format(pid=os.getpid(), state=state).encode()
-                os.pwrite(self._fd, record, 0)
-                os.ftruncate(self._fd, len(record))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 _STOP_ALLOWANCE = 10.0  # seconds beyond Shutdown_Grace a stopping predecessor may take to log out and exit
-
+_T = TypeVar("_T")
 
 _Call = tuple["futures.Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any], bool]
 # What the handler pools know about the call the current thread runs (a thread-local, not a
@@ -418,8 +219,8 @@ class Plugin:
         self.config = config
         self.log = logger
         self.metrics = Metrics()
-        self.health = CachedHealth(lambda: self.keys.run(Keyring.self_test), config.health_interval)
-        self.keys = KeyringSupervisor(config, logger, on_ready=self.health.invalidate, observer=self.metrics,
+        self.health = CachedHealth(lambda: self.supervisor.run(Keyring.self_test), config.health_interval)
+        self.supervisor = KeyringSupervisor(config, logger, on_ready=self.health.invalidate, observer=self.metrics,
                                       hsm_observer=self.metrics, on_stuck=self._exit_for_restart)
         self.http: PluginHttpServer | None = None
         self._wake = threading.Event()
@@ -428,7 +229,7 @@ class Plugin:
         self.failure: str | None = None  # why the plugin stops by itself, to exit non-zero for a restart
         self.serving: GrpcServing | None = None
         self.service: KmsService | None = None
-        self.lock = SocketLock(config.socket)
+        self.socket_lock = SocketLock(config.socket)
         self._socket_identity: SocketIdentity | None = None
         # The config generation (a short SHA-256 of the file) serving now, and the newest one rejected.
         self.config_generation = file_generation(config.path)
@@ -438,31 +239,32 @@ class Plugin:
 
     def healthz(self) -> str:
         """The Status healthz: the supervisor's cause at once while the HSM is down, else the cached probe."""
-        return self.keys.unready_reason() or self.health.status()
+        return self.supervisor.unready_reason() or self.health.status()
 
     def start(self) -> None:
         created = prepare_socket_directory(self.config)
         if created is not None:
             log_event(self.log, logging.INFO, "created the socket directory", directory=str(created))
         # A predecessor still finishing its calls after SIGTERM is waited for; its grace is most likely ours.
-        self.lock.acquire(patience=self.config.shutdown_grace + _STOP_ALLOWANCE, logger=self.log)
+        self.socket_lock.acquire(patience=self.config.shutdown_grace + _STOP_ALLOWANCE, logger=self.log)
         for warning in pin_source_warnings(self.config):
             log_event(self.log, logging.WARNING, warning)
         claim_socket_path(self.config.socket, self.log)
         self._start_http()  # first: a port conflict must stop the start before anything else is claimed
-        self.keys.start()
-        if self.keys.unready_reason() is None:
+        self.supervisor.start()
+        if self.supervisor.unready_reason() is None:
             self.health.wait_for_first_answer(FIRST_HEALTH_ANSWER_SECONDS)
-        self.service = KmsService(self.keys, self.healthz, self.log, self.metrics, admission=HsmAdmission())
+        self.service = KmsService(self.supervisor, self.healthz, self.log, self.metrics, admission=HsmAdmission())
         self.serving = grpc_serving(self.service, self.config.sessions, self.config.max_calls)
         self.metrics.count_calls_held(self.serving.calls_held)
         staging = staging_path(self.config.socket)
-        _bind(self.serving.server, self.config, staging)
+        bind_socket(self.serving.server, self.config, staging)
         self.serving.server.start()
         self._socket_identity = publish_socket(staging, self.config.socket, self.log)
-        self.lock.mark(SERVING)
+        self.socket_lock.mark(SERVING)
         log_event(self.log, logging.INFO, "serving KMS v2", socket=str(self.config.socket),
-                  key_id=self.keys.key_id, hsm=self.keys.state.value, sessions=self.config.sessions, **build_info())
+                  key_id=self.supervisor.key_id, hsm=self.supervisor.state.value, sessions=self.config.sessions,
+                  **build_info())
 
     def _start_http(self) -> None:
         if self.config.http_address is None:
@@ -480,7 +282,7 @@ class Plugin:
                   address=self.http.address)
 
     def _details(self) -> dict[str, object]:
-        keyring = self.keys.current_keyring()
+        keyring = self.supervisor.current_keyring()
         keys: list[dict[str, object]] = []
         if keyring is not None:
             keys = [{"role": k.role.value, "label": k.label, "uuid": k.uuid, "state": "loaded"} for k in keyring.keys]
@@ -493,11 +295,11 @@ class Plugin:
                                      "reload_failed": self.config_rejected is not None}
         if self.config_rejected is not None:
             config["rejected_generation"], config["error"] = self.config_rejected
-        return {"hsm": self.keys.state.value, "key_id": self.keys.key_id, "keys": keys, "config": config}
+        return {"hsm": self.supervisor.state.value, "key_id": self.supervisor.key_id, "keys": keys, "config": config}
 
     def request_stop(self) -> None:
         self._stop_requested = True
-        self.lock.mark(STOPPING)  # at once: a successor started right after SIGTERM waits instead of failing
+        self.socket_lock.mark(STOPPING)  # at once: a successor started right after SIGTERM waits instead of failing
         self._wake.set()
 
     def _exit_for_restart(self, reason: str) -> None:
@@ -535,12 +337,12 @@ class Plugin:
         self.watch.settle(generation)
         try:
             config = load_config(self.config.path)
-            keyring = self.keys.reload(config)
+            keyring = self.supervisor.reload(config)
         except (ConfigError, HsmError, KeyringError) as exc:
             self.metrics.reload(succeeded=False)
             self.config_rejected = (generation, str(exc))
             log_event(self.log, logging.ERROR, "reload failed; still serving the previous keyring",
-                      trigger=trigger, error=str(exc), key_id=self.keys.key_id, rejected_generation=generation,
+                      trigger=trigger, error=str(exc), key_id=self.supervisor.key_id, rejected_generation=generation,
                       serving_generation=self.config_generation)
             return
         self.metrics.reload(succeeded=True)
@@ -568,7 +370,7 @@ class Plugin:
             self.http.stop()
         remove_own_socket(self.config.socket, self._socket_identity, self.log)
         self.health.stop()
-        self.keys.stop()
+        self.supervisor.stop()
         log_event(self.log, logging.INFO, "stopped")
 
     def _finish_calls(self, serving: GrpcServing, service: KmsService) -> None:
