@@ -66,7 +66,7 @@ out="$cache/$k8s_version-$digest"
 if [[ -f "$out/.complete" ]]; then
   echo "build-k8s: kube-apiserver and kubectl $k8s_version, etcd $etcd_version already built in $out" >&2
 else
-  echo "build-k8s: building kube-apiserver and kubectl $k8s_version, etcd and etcdctl $etcd_version with $("$GO" version | cut -d' ' -f3) (a cold build takes 10-20 minutes on 2 cores)" >&2
+  echo "build-k8s: building kube-apiserver and kubectl $k8s_version, etcd and etcdctl $etcd_version with $("$GO" version | cut -d' ' -f3) (a cold build took 5-8 minutes on 2 cores)" >&2
   start=$SECONDS
   mkdir -p "$out"
   major=${k8s_version#v}; minor=${major#*.}; major=${major%%.*}; minor=${minor%%.*}

@@ -27,7 +27,8 @@ from p11kms.ops.etcdscan_report import render_json, render_text, rewrite_command
 from p11kms.ops.keys import adopt, create_key, list_keys, restrict
 from p11kms.ops.preflight import run_checks
 from p11kms.plugin.keyring import KeyringError
-from p11kms.plugin.server import Plugin, SocketInUse, install_signal_handlers
+from p11kms.plugin.server import Plugin, install_signal_handlers
+from p11kms.plugin.socketowner import SocketInUse
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1

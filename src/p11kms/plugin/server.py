@@ -35,7 +35,7 @@ from p11kms.plugin.socketowner import (
     SERVING,
     STOPPING,
     SocketIdentity,
-    SocketInUse as SocketInUse,  # re-exported: cli.py catches it from here
+    SocketInUse,
     SocketLock,
     bind_socket,
     claim_socket_path,
