@@ -12,7 +12,8 @@ if [[ "${1:-}" == "--dev" ]]; then
              ninja-build pkg-config libffi-dev libtasn1-6-dev xz-utils systemd
              libnss3   # NSS softoken: the second PKCS#11 implementation of tests/hsm/test_nss.py
              prometheus   # promtool: tests/test_prometheus_rules.py
-             podman runc debootstrap)  # the image build: tests/test_image.py
+             podman runc debootstrap   # the image build: tests/test_image.py
+             openssl curl)  # scripts/demo-rotation.sh's PKI; build-k8s.sh --release
 fi
 
 missing=()
