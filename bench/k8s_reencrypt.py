@@ -17,13 +17,11 @@ import base64
 import json
 import os
 import shlex
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,22 +34,20 @@ LABELS = ("bench-kek-1", "bench-kek-2", "bench-kek-3", "bench-kek-4")
 
 def create_secrets(plane: ControlPlane, count: int, size: int, writers: int = 8, prefix: str = "s") -> float:
     """Creates ``count`` secrets through the API with ``writers`` threads; returns the seconds it took."""
-    context = ssl.create_default_context(cafile=str(plane.pki["ca"]))
-    context.load_cert_chain(str(plane.pki["admin_cert"]), str(plane.pki["admin_key"]))
     payload = base64.b64encode(os.urandom(size)).decode()
     failures: list[str] = []
 
     def write(first: int) -> None:
         for index in range(first, count, writers):
-            body = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{prefix}-{index}"},
-                               "data": {"v": payload}}).encode()
-            request = urllib.request.Request(plane.url + "/api/v1/namespaces/default/secrets", data=body,
-                                             method="POST", headers={"Content-Type": "application/json"})
+            body: dict[str, object] = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{prefix}-{index}"},
+                                       "data": {"v": payload}}
             try:
-                with urllib.request.urlopen(request, timeout=30, context=context) as reply:
-                    reply.read()
+                status, text = plane.request("POST", "/api/v1/namespaces/default/secrets", body, timeout=30)
             except OSError as exc:
                 failures.append(str(exc))
+                continue
+            if status != 201:
+                failures.append(f"HTTP {status} {text[:200]}")
 
     started = time.monotonic()
     threads = [threading.Thread(target=write, args=(first,)) for first in range(writers)]
@@ -128,9 +124,8 @@ def main() -> None:
     aesgcm = base64.b64encode(os.urandom(32)).decode()
     providers: dict[str, str] = {
         "p11kms (KMS v2)": encryption_config(socket),
-        "aesgcm (built in)": encryption_config(socket).replace(
-            "      - kms:", f"      - aesgcm: {{keys: [{{name: k1, secret: {aesgcm}}}]}}\n      - kms:"),
-        "identity": encryption_config(socket).replace("      - kms:", "      - identity: {}\n      - kms:"),
+        "aesgcm (built in)": encryption_config(socket, first=f"aesgcm: {{keys: [{{name: k1, secret: {aesgcm}}}]}}"),
+        "identity": encryption_config(socket, first="identity: {}"),
     }
     version = subprocess.run([str(ROOT / ".cache/k8s/bin/kube-apiserver"), "--version"], capture_output=True,
                              text=True).stdout.strip()

@@ -9,6 +9,7 @@ exactly as on a node.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -36,15 +37,16 @@ def k8s_binary(name: str) -> Path:
     return path
 
 
-def encryption_config(socket: Path, resources: tuple[str, ...] = ("secrets",), *, name: str = PROVIDER,
-                      timeout: str = "3s", kms_first: bool = True) -> str:
+def encryption_config(socket: Path, resources: tuple[str, ...] = ("secrets",), *, first: str = "") -> str:
     """An EncryptionConfiguration naming p11kms as the KMS v2 provider of ``resources``; identity stays
-    as the last provider so objects written before KMS stay readable (the documented set-up)."""
-    kms = f"      - kms: {{apiVersion: v2, name: {name}, endpoint: 'unix://{socket}', timeout: {timeout}}}\n"
-    identity = "      - identity: {}\n"
+    as the last provider so objects written before KMS stay readable (the documented set-up). ``first``
+    is another provider entry (``identity: {}``, ``aesgcm: {...}``) put before KMS, to write with it."""
+    providers = [first] if first else []
+    providers += [f"kms: {{apiVersion: v2, name: {PROVIDER}, endpoint: 'unix://{socket}', timeout: 3s}}",
+                  "identity: {}"]
     return ("apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n"
             f"  - resources: [{', '.join(resources)}]\n    providers:\n"
-            + (kms + identity if kms_first else identity + kms))
+            + "".join(f"      - {provider}\n" for provider in providers))
 
 
 @dataclass
@@ -123,32 +125,32 @@ class ControlPlane:
         """Runs a command line exactly as an operator types it, pipes included."""
         return subprocess.run(pipeline, shell=True, env=self.env(), capture_output=True, text=True, timeout=timeout)
 
-    def get(self, path: str, timeout: float = 10) -> tuple[int, str]:
-        """GET on the apiserver as the admin; returns the status code and the body."""
+    @functools.cached_property
+    def admin_tls(self) -> ssl.SSLContext:
+        """The admin's client certificate and the cluster CA, made once for every request."""
         context = ssl.create_default_context(cafile=str(self.pki["ca"]))
         context.load_cert_chain(str(self.pki["admin_cert"]), str(self.pki["admin_key"]))
+        return context
+
+    def request(self, method: str, path: str, body: dict[str, object] | None = None,
+                timeout: float = 10) -> tuple[int, str]:
+        """One API request as the admin; returns the status code and the body (an HTTP error is an answer,
+        a connection that fails raises OSError)."""
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout, context=context) as reply:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.admin_tls) as reply:
                 return reply.status, reply.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+            return exc.code, exc.read().decode(errors="replace")
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        return self.request("GET", path, timeout=timeout)
 
     def kms_health(self) -> tuple[int, str]:
         """kube-apiserver's own check of its KMS providers (one check while automatic reload is on)."""
         return self.get("/healthz/kms-providers")
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        """One sample of the apiserver's /metrics, summed over the series that carry ``labels``."""
-        status, body = self.get("/metrics")
-        assert status == 200, body[:500]
-        total, seen = 0.0, False
-        for line in body.splitlines():
-            if not line.startswith(name + "{") and not line.startswith(name + " "):
-                continue
-            if all(f'{key}="{value}"' in line for key, value in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-                seen = True
-        return total if seen else None
 
     def wait_ready(self, seconds: float = 120) -> None:
         end = time.monotonic() + seconds

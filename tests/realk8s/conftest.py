@@ -20,6 +20,13 @@ from tests.support import HsmEnv, PluginProcess, start_plugin
 Keys = Callable[[], tuple[str, str]]
 
 
+def swap_labels(config: Path, old_label: str, new_label: str) -> None:
+    """Step 2 of the vendor guide on one node's config: Secondary_key takes the old Primary_key, Primary_key
+    a new label (the plugin's config watch loads it; a restart does too)."""
+    text = config.read_text().replace(f"Primary_key = {old_label}", f"Primary_key = {new_label}")
+    config.write_text(text + f"Secondary_key = {old_label}\n")
+
+
 def p11kms(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "p11kms", *args], capture_output=True, text=True, timeout=timeout)
 

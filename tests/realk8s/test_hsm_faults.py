@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.realk8s.conftest import Cluster, Keys
+from tests.realk8s.conftest import Cluster, Keys, swap_labels
 from tests.support import HsmEnv, RemoteHsm, remote_hsm, start_plugin, wait_until
 
 COAST_SECONDS = 180  # kube-apiserver's kmsv2PluginWriteDEKSourceMaxTTL
@@ -158,9 +158,7 @@ def test_a_restarted_apiserver_reads_objects_of_several_seeds_and_two_keys(
     cluster.plane.restart_apiserver()
     write("second")
     new_label, new_uuid = new_key()
-    cluster.config.write_text(cluster.config.read_text().replace(f"Primary_key = {old_label}",
-                                                                 f"Primary_key = {new_label}")
-                              + f"Secondary_key = {old_label}\n")
+    swap_labels(cluster.config, old_label, new_label)
     cluster.wait_until_writes_use(new_uuid)
     write("third")
     stored = {name: cluster.stored("secrets", "default", name) for name in names + cluster.probes}

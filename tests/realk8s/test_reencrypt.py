@@ -19,7 +19,7 @@ from pathlib import Path
 
 from p11kms.kube.etcd import EtcdClient
 from p11kms.ops.etcdscan import scan
-from tests.realk8s.conftest import Cluster, Keys
+from tests.realk8s.conftest import Cluster, Keys, swap_labels
 from tests.support import wait_until
 
 WIDGET_CRD = """apiVersion: apiextensions.k8s.io/v1
@@ -85,8 +85,7 @@ def _rotate(cluster: Cluster, old_label: str, new_key: Keys) -> str:
     """The one-step swap through the config watch (one node); returns the new key UUID once kube-apiserver
     writes with it."""
     new_label, new_uuid = new_key()
-    text = cluster.config.read_text().replace(f"Primary_key = {old_label}", f"Primary_key = {new_label}")
-    cluster.config.write_text(text + f"Secondary_key = {old_label}\n")
+    swap_labels(cluster.config, old_label, new_label)
     wait_until(lambda: "config reloaded" in cluster.plugin.log(), 20)
     delay = cluster.wait_until_writes_use(new_uuid)
     print(f"kube-apiserver wrote with the new key_id {delay:.1f} s after the config change")

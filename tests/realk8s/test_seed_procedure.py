@@ -11,7 +11,7 @@ import base64
 import json
 from collections.abc import Callable
 
-from tests.realk8s.conftest import Cluster, Keys, p11kms
+from tests.realk8s.conftest import Cluster, Keys, p11kms, swap_labels
 from tests.support import wait_until
 
 REENCRYPT = "kubectl get secrets --all-namespaces -o json | kubectl replace -f -"
@@ -23,12 +23,6 @@ def _secrets(cluster: Cluster) -> dict[str, tuple[str, str, dict[str, str]]]:
     listing = json.loads(cluster.ok("get", "secrets", "--all-namespaces", "-o", "json"))
     return {f"{i['metadata']['namespace']}/{i['metadata']['name']}":
             (i["metadata"]["uid"], i["metadata"]["resourceVersion"], i.get("data", {})) for i in listing["items"]}
-
-
-def _swap_labels(cluster: Cluster, old_label: str, new_label: str) -> None:
-    """Step 2 of the guide: Secondary_key takes the old Primary_key, Primary_key a new label."""
-    text = cluster.config.read_text().replace(f"Primary_key = {old_label}", f"Primary_key = {new_label}")
-    cluster.config.write_text(text + f"Secondary_key = {old_label}\n")
 
 
 def test_seed_procedure_with_a_plugin_restart(start_cluster: Callable[..., Cluster], new_key: Keys) -> None:
@@ -48,7 +42,7 @@ def test_seed_procedure_with_a_plugin_restart(start_cluster: Callable[..., Clust
 
     # 2. Swap the labels; 3. the old key stays in the HSM; 4. restart the plugin.
     new_label, new_uuid = new_key()
-    _swap_labels(cluster, old_label, new_label)
+    swap_labels(cluster.config, old_label, new_label)
     cluster.restart_plugin()
     assert f"role=primary label={new_label} uuid={new_uuid}" in cluster.plugin.log()
     assert f"role=secondary label={old_label} uuid={old_uuid}" in cluster.plugin.log()
@@ -85,7 +79,7 @@ def test_the_guides_force_variant_gives_every_secret_a_new_uid(start_cluster: Ca
     cluster = start_cluster(old_label)
     cluster.ok("create", "secret", "generic", "forced", "--from-literal=a=1")
     new_label, new_uuid = new_key()
-    _swap_labels(cluster, old_label, new_label)
+    swap_labels(cluster.config, old_label, new_label)
     cluster.restart_plugin()
     cluster.wait_until_writes_use(new_uuid)
     before = _secrets(cluster)
@@ -108,7 +102,7 @@ def test_hot_rotation_through_the_config_watch(start_cluster: Callable[..., Clus
     cluster.ok("create", "configmap", "settings", "--from-literal=b=2")
     assert cluster.stored("configmaps", "default", "settings").key_id == old_uuid
     new_label, new_uuid = new_key()
-    _swap_labels(cluster, old_label, new_label)
+    swap_labels(cluster.config, old_label, new_label)
     wait_until(lambda: "config reloaded" in cluster.plugin.log(), 20)
     delay = cluster.wait_until_writes_use(new_uuid)
     print(f"kube-apiserver wrote with the new key_id {delay:.1f} s after the config file changed")

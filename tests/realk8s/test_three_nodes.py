@@ -12,17 +12,13 @@ already wrote with it.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import random
 import shutil
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +27,9 @@ import pytest
 
 from p11kms.kube.envelope import decode
 from p11kms.kube.etcd import EtcdClient
+from p11kms.ops.devenv import write_softhsm_conf
 from tests.controlplane import ControlPlane, EtcdCluster, encryption_config, start_control_plane, start_etcd
-from tests.realk8s.conftest import Keys
+from tests.realk8s.conftest import Keys, swap_labels
 from tests.support import HsmEnv, PluginProcess, start_plugin, wait_until
 from tests.tls_certs import make_control_plane_pki
 
@@ -70,23 +67,14 @@ class Load:
     threads: list[threading.Thread] = field(default_factory=list)
 
     def _call(self, node: Node, method: str, path: str, body: dict[str, object] | None = None) -> int:
-        pki = node.plane.pki
-        context = ssl.create_default_context(cafile=str(pki["ca"]))
-        context.load_cert_chain(str(pki["admin_cert"]), str(pki["admin_key"]))
-        request = urllib.request.Request(node.plane.url + path, method=method,
-                                         data=json.dumps(body).encode() if body else None,
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=15, context=context) as reply:
-                reply.read()
-                return int(reply.status)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:300]
-            self._fail(f"{self.phase}: {method} {path} on {node.name}: HTTP {exc.code} {detail}")
-            return int(exc.code)
+            status, text = node.plane.request(method, path, body, timeout=15)
         except OSError as exc:
             self._fail(f"{self.phase}: {method} {path} on {node.name}: {exc}")
             return 0
+        if status >= 400:
+            self._fail(f"{self.phase}: {method} {path} on {node.name}: HTTP {status} {text[:300]}")
+        return status
 
     def _fail(self, what: str) -> None:
         with self.lock:
@@ -173,9 +161,7 @@ def _token_replicas(hsm_env: HsmEnv, directory: Path) -> list[dict[str, str]]:
     for index in range(NODES):
         replica = directory / f"hsm-replica-{index}"
         shutil.copytree(hsm_env.directory / "tokens", replica / "tokens")
-        conf = replica / "softhsm2.conf"
-        conf.write_text(f"directories.tokendir = {replica / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-        replicas.append({"SOFTHSM2_CONF": str(conf)})
+        replicas.append({"SOFTHSM2_CONF": str(write_softhsm_conf(replica))})
     return replicas
 
 
@@ -296,9 +282,7 @@ def test_the_one_step_swap_rolled_node_by_node_fails_reads(three_nodes: Callable
         wait_until(lambda: len(load.names) >= 6, 30)
         load.phase = "one-step swap on n0 only"
         first = cluster.nodes[0]
-        first.config.write_text(first.config.read_text().replace(f"Primary_key = {old_label}",
-                                                                 f"Primary_key = {new_label}")
-                                + f"Secondary_key = {old_label}\n")
+        swap_labels(first.config, old_label, new_label)
         wait_until(_reloaded(first, 1), 20)
         end = time.monotonic() + 150
         while time.monotonic() < end and cluster.key_id_of_a_new_write(first, f"p-{time.monotonic_ns()}") != new_uuid:
@@ -307,9 +291,7 @@ def test_the_one_step_swap_rolled_node_by_node_fails_reads(three_nodes: Callable
         failed_while_mixed = len(load.failures)
         load.phase = "swap rolled to n1 and n2"
         for node in cluster.nodes[1:]:
-            node.config.write_text(node.config.read_text().replace(f"Primary_key = {old_label}",
-                                                                   f"Primary_key = {new_label}")
-                                   + f"Secondary_key = {old_label}\n")
+            swap_labels(node.config, old_label, new_label)
             wait_until(_reloaded(node, 1), 20)
         settled = len(load.failures)
         time.sleep(10)
