@@ -12,7 +12,20 @@ apiserver=standin
 [[ -x "$k8s/kube-apiserver" && "${DEMO_APISERVER:-real}" != standin ]] && apiserver=real
 work=$(mktemp -d)
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+plugin_pid=
+# Stops what the demo started, the newest first: kube-apiserver before the etcd it would otherwise wait
+# for while shutting down. Whatever is still running 10 s later is killed.
+cleanup() {
+  local all=("${pids[@]}" ${plugin_pid:+"$plugin_pid"}) i pid
+  for ((i = ${#all[@]} - 1; i >= 0; i--)); do kill "${all[i]}" 2>/dev/null || true; done
+  for _ in $(seq 50); do
+    for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && { sleep 0.2; continue 2; }; done
+    break
+  done
+  for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 step() { printf '\n=== %s\n' "$*"; }
 port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -93,7 +106,7 @@ KUBECONFIG
 }
 
 start_standin() {
-  "$PY" -m p11kms.standin --etcd "$etcd_url" --kms-socket "$work/dev/kms.sock" --status-interval 1 \
+  "$PY" -m tests.standin --etcd "$etcd_url" --kms-socket "$work/dev/kms.sock" --status-interval 1 \
     --status-retry-interval 1 >"$work/standin.url" 2>"$work/standin.log" & pids+=($!)
   for _ in $(seq 100); do [[ -s "$work/standin.url" ]] && break; sleep 0.1; done
   cat >"$KUBECONFIG" <<KUBECONFIG
@@ -141,7 +154,7 @@ grep -E '^(Primary|Secondary)_key' "$work/dev/p11kms.cfg"
 
 step "4. restart the plugin; the old secret still reads"
 kill -TERM "$plugin_pid"; wait "$plugin_pid" || true
-start_plugin; pids+=("$plugin_pid")
+start_plugin
 kubectl get secret rotation-canary -o jsonpath='{.data.note}' | base64 -d; echo
 new_uuid=$("$PY" -m p11kms status --socket "$work/dev/kms.sock" | awk '/key_id/ {print $2}')
 wait_for_writes_with "$new_uuid"

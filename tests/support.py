@@ -287,10 +287,10 @@ def start_standin(etcd_url: str, kms_socket: Path, home: Path, *, prefix: str = 
     home.mkdir(parents=True, exist_ok=True)
     log = (home / "standin.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "p11kms.standin", "--etcd", etcd_url, "--kms-socket", str(kms_socket),
+        [sys.executable, "-m", "tests.standin", "--etcd", etcd_url, "--kms-socket", str(kms_socket),
          "--etcd-prefix", prefix, "--status-interval", str(status_interval),
          "--status-retry-interval", str(status_interval), "--providers", providers],
-        stdout=subprocess.PIPE, stderr=log, text=True)
+        stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)  # `-m tests.standin` from the checkout
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
     assert url.startswith("http://"), f"stand-in did not start: {(home / 'standin.log').read_text()}"

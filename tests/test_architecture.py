@@ -1,8 +1,8 @@
 """The package layering: imports go one way only (docs/architecture.md).
 
-cli -> ops -> plugin | kube -> config | hsm | observability | kmsv2. The standin (a test and demo
-tool) may use kube and the base packages. A module may import its own package and anything below
-its layer, never a layer above, and ``plugin`` and ``kube`` never import each other.
+cli -> ops -> plugin | kube -> config | hsm | observability | kmsv2. A module may import its own
+package and anything below its layer, never a layer above, and ``plugin`` and ``kube`` never import
+each other.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ ALLOWED: dict[str, set[str]] = {
     "ops": {"plugin", "kube", "config", "hsm", "observability", "kmsv2"},
     "plugin": {"config", "hsm", "observability", "kmsv2"},
     "kube": {"config", "hsm", "observability", "kmsv2"},
-    "standin": {"kube", "config", "observability", "kmsv2"},
     "config": set(),
     "observability": set(),
     "hsm": set(),

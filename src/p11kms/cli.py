@@ -407,8 +407,13 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         return usage("--state only applies without --etcd-endpoints (with etcd a new run touches only what is "
                      "still off the key)")
     try:
-        names = (reencrypt.resources_from_encryption_config(args.encryption_config) if args.encryption_config
-                 else reencrypt.parse_resources(args.resources))
+        if args.encryption_config:
+            names, in_clear = reencrypt.resources_from_encryption_config(args.encryption_config)
+            if in_clear:
+                print(f"reencrypt: left out {', '.join(in_clear)}: identity is their first provider, so "
+                      "kube-apiserver writes them in clear (--resources rewrites them anyway)", file=sys.stderr)
+        else:
+            names = reencrypt.parse_resources(args.resources)
         etcd = None
         if args.etcd_endpoints:
             etcd = EtcdClient(args.etcd_endpoints.split(","), cacert=args.cacert, cert=args.cert, key=args.key)

@@ -1,4 +1,4 @@
-"""kube-apiserver's etcd storage format: framing, validation and the seed crypto."""
+"""kube-apiserver's etcd storage format (framing, validation), and the seed crypto as the stand-in models it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from p11kms.kube import envelope
+from tests.standin.seedcrypto import open_data, seal_with_seed
 
 ETCD_KEY = b"/registry/secrets/default/mysecret"
 
@@ -18,7 +19,7 @@ ETCD_KEY = b"/registry/secrets/default/mysecret"
 def sealed(seed: bytes, plaintext: bytes = b"k8s\x00payload", **changes: object) -> envelope.Envelope:
     fields: dict[str, object] = dict(provider="p11kms", key_id="kid", encrypted_dek_source=b"wrapped",
                                      dek_source_type=envelope.TYPE_HKDF_SEED, annotations={},
-                                     encrypted_data=envelope.seal_with_seed(seed, plaintext, ETCD_KEY))
+                                     encrypted_data=seal_with_seed(seed, plaintext, ETCD_KEY))
     fields.update(changes)
     return envelope.Envelope(**fields)  # type: ignore[arg-type]
 
@@ -29,13 +30,13 @@ def test_round_trip_through_the_stored_bytes() -> None:
     assert value.startswith(b"k8s:enc:kms:v2:p11kms:")
     decoded = envelope.decode(value)
     assert (decoded.key_id, decoded.encrypted_dek_source, decoded.dek_source_type) == ("kid", b"wrapped", 1)
-    assert envelope.open_data(decoded, seed, ETCD_KEY) == b"k8s\x00payload"
+    assert open_data(decoded, seed, ETCD_KEY) == b"k8s\x00payload"
 
 
 def test_seed_key_is_hkdf_expand_only_which_equals_one_hmac_block() -> None:
     """Independent check of spec 3.3: HKDF-Expand(seed, info, 32) == HMAC-SHA256(seed, info || 0x01)."""
     seed, plaintext = os.urandom(32), b"object bytes"
-    data = envelope.seal_with_seed(seed, plaintext, ETCD_KEY)
+    data = seal_with_seed(seed, plaintext, ETCD_KEY)
     info, nonce, body = data[:32], data[32:44], data[44:]
     key = hmac.new(seed, info + b"\x01", hashlib.sha256).digest()
     assert AESGCM(key).decrypt(nonce, body, ETCD_KEY) == plaintext
@@ -45,7 +46,7 @@ def test_the_etcd_key_is_bound_as_additional_data() -> None:
     seed = os.urandom(32)
     decoded = envelope.decode(envelope.encode(sealed(seed)))
     with pytest.raises(InvalidTag):
-        envelope.open_data(decoded, seed, b"/registry/secrets/default/other")
+        open_data(decoded, seed, b"/registry/secrets/default/other")
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -65,7 +66,7 @@ def test_legacy_type_0_when_field_5_is_absent() -> None:
     body = _field(1, data) + _field(2, b"k") + _field(3, b"w")
     decoded = envelope.decode(b"k8s:enc:kms:v2:p11kms:" + body)
     assert (decoded.key_id, decoded.encrypted_dek_source, decoded.dek_source_type) == ("k", b"w", 0)
-    assert envelope.open_data(decoded, dek, ETCD_KEY) == b"old"
+    assert open_data(decoded, dek, ETCD_KEY) == b"old"
     seeded = envelope.decode(b"k8s:enc:kms:v2:p11kms:" + body + bytes([5 << 3, envelope.TYPE_HKDF_SEED]))
     assert seeded.dek_source_type == envelope.TYPE_HKDF_SEED  # the same bytes plus field 5 = 1: the seed type
 

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from p11kms.kube.etcd import EtcdClient, EtcdError, prefix_end
+from tests.standin.etcdwrites import WritableEtcd
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def test_prefix_end() -> None:
 
 
 def test_guarded_create_and_update(etcd: str, prefix: bytes) -> None:
-    client = EtcdClient([etcd])
+    client = WritableEtcd([etcd])
     key = prefix + b"k"
     first = client.put_if(key, b"v1", mod_revision=0)
     assert first is not None
@@ -37,7 +38,7 @@ def test_guarded_create_and_update(etcd: str, prefix: bytes) -> None:
 
 
 def test_paged_scan_sees_one_consistent_revision(etcd: str, prefix: bytes) -> None:
-    client = EtcdClient([etcd])
+    client = WritableEtcd([etcd])
     for index in range(7):
         client.put_if(prefix + f"{index:02d}".encode(), b"x", mod_revision=0)
     revision = client.revision()

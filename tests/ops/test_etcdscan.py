@@ -29,6 +29,8 @@ from p11kms.ops.etcdscan import (
     scan,
 )
 from p11kms.ops.etcdscan_report import rewrite_commands
+from tests.standin.etcdwrites import WritableEtcd
+from tests.standin.seedcrypto import seal_with_seed
 from tests.support import EtcdServer, running_etcd, start_etcd
 from tests.tls_certs import make_pki
 
@@ -41,14 +43,14 @@ def kms_value(key_id: str, key: bytes) -> bytes:
     return envelope.encode(envelope.Envelope(
         provider="p11kms", key_id=key_id, encrypted_dek_source=b"\x01" + os.urandom(60),
         dek_source_type=envelope.TYPE_HKDF_SEED, annotations={},
-        encrypted_data=envelope.seal_with_seed(os.urandom(32), b"k8s\x00obj", key)))
+        encrypted_data=seal_with_seed(os.urandom(32), b"k8s\x00obj", key)))
 
 
 @pytest.fixture
 def keyspace(etcd: str) -> str:
     """A prefix holding secrets under two keys, clear objects, another provider and a corrupt value."""
     prefix = f"/registry-{uuid.uuid4().hex[:8]}/"
-    client = EtcdClient([etcd])
+    client = WritableEtcd([etcd])
     values: dict[str, Callable[[bytes], bytes]] = {
         "secrets/default/a": lambda k: kms_value(NEW, k),
         "secrets/default/b": lambda k: kms_value(OLD, k),
@@ -67,7 +69,7 @@ def keyspace(etcd: str) -> str:
 
 def fill(etcd: str, prefix: str, values: dict[str, bytes | None]) -> None:
     """Stores each name under ``prefix``; a None value becomes a KMS v2 value on key NEW."""
-    client = EtcdClient([etcd])
+    client = WritableEtcd([etcd])
     for name, value in values.items():
         key = (prefix + name).encode()
         client.put_if(key, kms_value(NEW, key) if value is None else value, mod_revision=0)
@@ -227,7 +229,7 @@ def test_json_report(etcd: str, keyspace: str) -> None:
 
 
 def test_scan_is_read_only(etcd: str, keyspace: str) -> None:
-    client = EtcdClient([etcd])
+    client = WritableEtcd([etcd])
     before = client.revision()
     result = run_scan(etcd, "--prefix", keyspace, "--require", NEW)
     assert result.returncode == EXIT_NOT_ON_KEY, result.stdout + result.stderr  # it did scan, and judged
@@ -262,7 +264,7 @@ def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EtcdSer
 
 def test_scan_over_client_certificate_tls(tls_etcd: tuple[EtcdServer, dict[str, Path]]) -> None:
     server, pki = tls_etcd
-    client = EtcdClient([server.url], cacert=str(pki["ca"]), cert=str(pki["client_cert"]), key=str(pki["client_key"]))
+    client = WritableEtcd([server.url], cacert=str(pki["ca"]), cert=str(pki["client_cert"]), key=str(pki["client_key"]))
     key = b"/registry/secrets/default/tls-secret"
     client.put_if(key, kms_value(NEW, key), mod_revision=0)
     tls_args = ["--cacert", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key", str(pki["client_key"])]

@@ -76,10 +76,21 @@ def test_credentials_are_looked_for_as_kubectl_does(kubeconfig: Path, capsys: py
 def test_the_encryption_config_names_the_resources(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    kubeconfig: Path) -> None:
     config = tmp_path / "encryption.yaml"
+    kms = "[{kms: {apiVersion: v2, name: p11kms, endpoint: 'unix:///run/p11kms/kms.sock'}}, {identity: {}}]"
     config.write_text("apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n"
-                      "  - resources: [secrets, widgets.example.com]\n    providers: [{identity: {}}]\n"
-                      "  - resources: ['*.apps', secrets]\n    providers: [{identity: {}}]\n")
-    assert resources_from_encryption_config(config) == ["secrets", "widgets.example.com", "*.apps"]
+                      f"  - resources: [secrets, widgets.example.com]\n    providers: {kms}\n"
+                      f"  - resources: ['*.apps', secrets]\n    providers: {kms}\n")
+    assert resources_from_encryption_config(config) == (["secrets", "widgets.example.com", "*.apps"], [])
+    # Where identity comes first kube-apiserver writes in clear: nothing to move to a key. The first entry that
+    # names a resource decides, as in kube-apiserver.
+    config.write_text("kind: EncryptionConfiguration\nresources:\n"
+                      "  - resources: [configmaps, events]\n    providers: [{identity: {}}, {aescbc: {keys: []}}]\n"
+                      f"  - resources: [secrets, configmaps]\n    providers: {kms}\n")
+    assert resources_from_encryption_config(config) == (["secrets"], ["configmaps", "events"])
+    config.write_text("kind: EncryptionConfiguration\nresources:\n"
+                      "  - resources: [secrets]\n    providers: [{identity: {}}]\n")
+    with pytest.raises(UsageError, match=r"names no resource that kube-apiserver encrypts \(secrets: identity"):
+        resources_from_encryption_config(config)
     config.write_text("apiVersion: v1\nkind: ConfigMap\n")
     assert "not an EncryptionConfiguration (kind: 'ConfigMap')" in _usage(
         capsys, "--encryption-config", str(config), "--kubeconfig", str(kubeconfig))

@@ -18,10 +18,10 @@ import pytest
 
 from p11kms.hsm.keyident import fingerprint_uuid
 from p11kms.hsm.token import Token
-from p11kms.kube.etcd import EtcdClient
 from p11kms.ops.rotate import edit_labels
 from p11kms.plugin.keyring import Role, resolve_kek
 from tests.ops.test_etcdscan import kms_value
+from tests.standin.etcdwrites import WritableEtcd
 from tests.support import TOKEN_LABEL, HsmEnv, PluginProcess, start_plugin, start_standin, unique_label, wait_until
 
 Keys = Callable[[], tuple[str, str]]
@@ -290,7 +290,7 @@ def test_retire_refuses_while_any_resource_holds_objects_on_the_retired_key(hsm_
     assert old_alias in aliases
     config = hsm_env.write_config(tmp_path / "p11kms.cfg", new_label, old_label)
     prefix = f"/registry-{uuid.uuid4().hex[:8]}/"
-    client = EtcdClient([etcd])
+    client = WritableEtcd([etcd])
     for name, key_id in (("secrets/default/a", new_uuid), ("configmaps/default/on-old", old_uuid),
                          ("configmaps/default/on-old-alias", old_alias)):
         key = (prefix + name).encode()

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from p11kms.kube.client import KmsClient
-from p11kms.kube.envelope import INFO_BYTES, NONCE_BYTES, TYPE_HKDF_SEED, decode, open_data
+from p11kms.kube.envelope import INFO_BYTES, NONCE_BYTES, TYPE_HKDF_SEED, decode
 from p11kms.kube.etcd import EtcdClient
 from tests.realk8s.conftest import Cluster, Keys, p11kms
+from tests.standin.seedcrypto import open_data
 from tests.support import start_standin
 
 GCM_TAG_BYTES = 16

@@ -163,6 +163,8 @@ def test_reencrypt_with_etcd_moves_only_off_key_secrets_and_widgets_and_resumes_
     print(f"second run: {counts}, {seconds:.1f} s wall ({counts['rewritten'] / seconds:.1f} objects/s)")
     assert counts["rewritten"] == len(left) and counts["failed"] == 0 and counts["deleted"] == 0
     assert counts["on_key"] == len(before) - len(left)
+    totals = {int(total) for total in re.findall(r"^reencrypt: \d+/(\d+) ", again.stderr, re.MULTILINE)}
+    assert totals == {len(before)}, again.stderr  # the objects already on the key are in the total, and done
     assert "OK: every object of" in again.stdout and new_uuid in again.stdout
     assert _off_key(cluster, new_uuid) == set()
     assert cluster.stored("example.com/widgets", "team-a", "w-3").key_id == new_uuid
@@ -198,8 +200,28 @@ def test_reencrypt_without_etcd_conflict_deleted_state_resume_and_dry_run(
     unknown = _reencrypt(cluster, "--resources", "secrets,gadgets.nowhere.example")
     assert unknown.returncode == 2 and "unknown resource 'gadgets.nowhere.example'" in unknown.stderr, unknown.stderr
 
-    new_uuid = _rotate(cluster, old_label, new_key)
+    # The rotation right after a Status poll, so kube-apiserver keeps writing with the old key for most of a
+    # minute: a re-encryption run now cannot move anything, and must say so instead of counting the objects
+    # as already on the key.
+    polls = cluster.plugin_metric("p11kms_grpc_requests_total", method="Status")
+    wait_until(lambda: cluster.plugin_metric("p11kms_grpc_requests_total", method="Status") > polls, 75)
+    polled_at = time.monotonic()
+    new_label, new_uuid = new_key()
+    swap_labels(cluster.config, old_label, new_label)
+    wait_until(lambda: "config reloaded" in cluster.plugin.log(), 20)
     before = _snapshot(cluster, "secrets", "bulk")
+    early = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk", "--etcd-endpoints", cluster.plane.etcd_url,
+                       "--key-id", new_uuid)
+    assert early.returncode == 1, early.stdout + early.stderr
+    assert "has not switched to the new key yet" in early.stdout and "already_on_key=0" in early.stdout, early.stdout
+    early_without_etcd = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk")
+    assert early_without_etcd.returncode == 0, early_without_etcd.stdout + early_without_etcd.stderr
+    assert "kube-apiserver wrote none of the 40 objects again" in early_without_etcd.stdout, early_without_etcd.stdout
+    early_seconds = time.monotonic() - polled_at
+    assert early_seconds < 45, f"the early runs ended {early_seconds:.1f} s after the poll: the next may have come"
+    assert _snapshot(cluster, "secrets", "bulk") == before
+    delay = cluster.wait_until_writes_use(new_uuid)
+    print(f"early runs ended {early_seconds:.1f} s after a poll; kube-apiserver took the key {delay:.1f} s later")
     state = tmp_path / "reencrypt.state"
 
     dry = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk", "--dry-run", "--state", str(state))

@@ -10,8 +10,8 @@ import pytest
 
 from p11kms.kube import envelope
 from p11kms.kube.client import KmsClient
-from p11kms.standin.kms import WRITE_STATE_TTL, KmsEnvelope, KmsUnavailable
 from tests.misbehaving import Behaviour, serve_misbehaving
+from tests.standin.kms import WRITE_STATE_TTL, KmsEnvelope, KmsUnavailable
 from tests.support import PluginProcess, SetClock
 
 KEY = b"/registry/secrets/default/s"

@@ -6,21 +6,20 @@ A stored value is ``k8s:enc:kms:v2:<provider>:`` followed by a protobuf
 HKDF-Expand-SHA256(seed, info, 32) (no Extract step), and the additional data is
 the full etcd key. For the legacy type (0), the decrypted DEK is the AES key and
 ``encryptedData`` is ``nonce(12) | ciphertext | tag``.
+
+Only the framing lives here: p11kms never decrypts stored data (the plugin wraps seeds in the HSM, the
+tools read key_ids). The data encryption that kube-apiserver does is modelled by the test stand-in,
+tests/standin/seedcrypto.py.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
 from p11kms.kmsv2 import encrypted_object_pb2
 from p11kms.kube.apiserver_rules import encrypted_object_problems
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KMS_V2_PREFIX = b"k8s:enc:kms:v2:"
 SEED_BYTES = 32
@@ -106,37 +105,3 @@ def encode(envelope: Envelope) -> bytes:
         encryptedDEKSourceType=envelope.dek_source_type,  # type: ignore[arg-type]
     )
     return KMS_V2_PREFIX + envelope.provider.encode() + b":" + message.SerializeToString(deterministic=True)
-
-
-# cryptography is imported where it is used: `p11kms serve` starts through the same CLI as the
-# tools that use this module, and the package would add about 7 MiB to the plugin's memory.
-def _seed_key(seed: bytes, info: bytes) -> bytes:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-
-    return HKDFExpand(algorithm=hashes.SHA256(), length=32, info=info).derive(seed)
-
-
-def _aes_gcm(key: bytes) -> AESGCM:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    return AESGCM(key)
-
-
-def seal_with_seed(seed: bytes, plaintext: bytes, etcd_key: bytes) -> bytes:
-    """encryptedData for the seed type: a fresh info and nonce per write, AAD = the etcd key."""
-    info, nonce = os.urandom(INFO_BYTES), os.urandom(NONCE_BYTES)
-    return info + nonce + _aes_gcm(_seed_key(seed, info)).encrypt(nonce, plaintext, etcd_key)
-
-
-def open_data(envelope: Envelope, dek_source: bytes, etcd_key: bytes) -> bytes:
-    """Decrypts encryptedData with the plaintext DEK source that the plugin's Decrypt returned."""
-    data = envelope.encrypted_data
-    if envelope.dek_source_type == TYPE_HKDF_SEED:
-        if len(dek_source) < SEED_BYTES:
-            raise EnvelopeError(f"seed is {len(dek_source)} bytes, fewer than {SEED_BYTES}")
-        key = _seed_key(dek_source, data[:INFO_BYTES])
-        data = data[INFO_BYTES:]
-    else:
-        key = dek_source
-    return _aes_gcm(key).decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], etcd_key)

@@ -2,8 +2,8 @@
 
 etcd serves this gateway on its client URLs by default (3.4 and later), so the
 scanner can read a real cluster's etcd with the same endpoints and certificates
-etcdctl uses. Only what p11kms needs is here: paged range reads at one revision,
-and guarded writes for the kube-apiserver stand-in.
+etcdctl uses. Only what p11kms needs is here: paged range reads at one revision. The
+guarded writes the tests and the kube-apiserver stand-in need are in tests/standin/etcdwrites.py.
 """
 
 from __future__ import annotations
@@ -187,25 +187,3 @@ class EtcdClient:
             if not answer.get("more") or not page:
                 return
             start = page[-1].key + b"\x00"
-
-    def put_if(self, key: bytes, value: bytes, *, mod_revision: int) -> int | None:
-        """Writes ``value`` if the key's mod revision is still ``mod_revision`` (0: must not exist).
-
-        Returns the new revision, or None when the guard failed (someone else wrote first).
-        """
-        if mod_revision == 0:
-            compare = {"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}
-        else:
-            compare = {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}
-        answer = self._post("kv/txn", {
-            "compare": [compare],
-            "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
-        })
-        return int(answer["header"]["revision"]) if answer.get("succeeded") else None
-
-    def delete_if(self, key: bytes, *, mod_revision: int) -> bool:
-        answer = self._post("kv/txn", {
-            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}],
-            "success": [{"request_delete_range": {"key": _b64(key)}}],
-        })
-        return bool(answer.get("succeeded"))

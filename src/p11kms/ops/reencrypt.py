@@ -88,8 +88,11 @@ def parse_resources(text: str) -> list[str]:
     return names
 
 
-def resources_from_encryption_config(path: Path) -> list[str]:
-    """Every resource name the EncryptionConfiguration lists (wildcards such as ``*.apps`` included)."""
+def resources_from_encryption_config(path: Path) -> tuple[list[str], list[str]]:
+    """(the resources kube-apiserver encrypts, those it writes in clear), as the EncryptionConfiguration names
+    them (wildcards such as ``*.apps`` included). A name counts where it is first listed, as kube-apiserver
+    takes the first entry that matches; an entry whose first provider is ``identity`` writes in clear, and
+    rewriting its objects would not move them to any key."""
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -99,14 +102,19 @@ def resources_from_encryption_config(path: Path) -> list[str]:
     if not isinstance(document, dict) or document.get("kind") != "EncryptionConfiguration":
         raise UsageError(f"--encryption-config {path}: not an EncryptionConfiguration (kind: "
                          f"{document.get('kind') if isinstance(document, dict) else None!r})")
-    names: list[str] = []
+    encrypted: list[str] = []
+    in_clear: list[str] = []
     for entry in document.get("resources") or []:
+        providers = (entry or {}).get("providers") or [{}]
+        first = providers[0] if isinstance(providers[0], dict) else {}
         for name in (entry or {}).get("resources") or []:
-            if isinstance(name, str) and name not in names:
-                names.append(name)
-    if not names:
-        raise UsageError(f"--encryption-config {path}: names no resource")
-    return names
+            if isinstance(name, str) and name not in encrypted and name not in in_clear:
+                (in_clear if "identity" in first else encrypted).append(name)
+    if not encrypted:
+        raise UsageError(f"--encryption-config {path}: names no resource that kube-apiserver encrypts"
+                         + (f" ({', '.join(in_clear)}: identity is the first provider)" if in_clear else "")
+                         + "; use --resources to rewrite resources anyway")
+    return encrypted, in_clear
 
 
 @dataclass(frozen=True)
@@ -389,7 +397,11 @@ class Rewriter:
         self.api, self.counts, self.progress, self.rate = api, counts, progress, rate
         self.dry_run, self.out = dry_run, out
         self._lock = threading.Lock()
+        # With etcd: the checks that kube-apiserver writes with the run's key (they raise KeyNotInUse). The first
+        # rewritten object is checked once; an object etcd showed off the key that kube-apiserver did not write
+        # again is checked each time, since it is the sign that kube-apiserver still uses the old key.
         self.after_first_write: Callable[[Target, str | None, str], None] | None = None
+        self.after_unchanged: Callable[[Target, str | None, str], None] | None = None
         self._first_done = False
 
     def _count(self, outcome: str, detail: str = "") -> None:
@@ -437,6 +449,8 @@ class Rewriter:
                 self._count("failed", f"{where}: unexpected answer: {exc!r}")
                 return
             after = str(written.get("metadata", {}).get("resourceVersion", ""))
+            if after == before and self.after_unchanged is not None:
+                self.after_unchanged(target, namespace, name)
             self._count("rewritten" if after != before else "on_key")
             if after != before and self.after_first_write is not None and not self._first_done:
                 self._first_done = True
@@ -620,7 +634,7 @@ def _off_key_objects(api: Api, etcd: EtcdClient, targets: list[Target], options:
             spools.append((target, key_prefix, spool))
             off, on = _spool_off_key(etcd, prefix, key_prefix, key_id, options.page_size, spool)
             rewriter.counts.on_key += on
-            rewriter.progress.total += off
+            rewriter.progress.total += off + on  # the objects on the key count as done from the start
             rewriter.progress.note(f"{target.name}: {off} objects not on key {key_id}, {on} already on it")
         for target, key_prefix, spool in spools:
             spool.seek(0)
@@ -689,12 +703,15 @@ def run(api: Api, options: Options, err: TextIO, out: TextIO, interactive: bool)
         if options.etcd is not None:
             key_id = options.key_id or ""
             etcd = options.etcd
-            rewriter.after_first_write = _check_key(etcd, options, api, targets, key_id)
+            rewriter.after_first_write = _check_key(etcd, options, api, key_id, "rewrote")
+            rewriter.after_unchanged = _check_key(etcd, options, api, key_id, "did not write again")
             try:
                 finished, scan_names = _off_key_objects(api, etcd, targets, options, rewriter, pool, key_id)
             except KeyNotInUse as exc:
                 progress.finish(counts)
-                return Outcome(EXIT_NOT_ON_KEY, counts, [f"STOPPED: {exc}"], seconds=time.monotonic() - started)
+                seconds = time.monotonic() - started
+                return Outcome(EXIT_NOT_ON_KEY, counts, [_summary_line(counts, options, seconds), f"STOPPED: {exc}"],
+                               seconds=seconds)
         else:
             progress.total = sum(_count_objects(api, t, options.namespace) for t in targets)
             progress.note(f"{progress.total} objects of {', '.join(t.name for t in targets)}: every one is updated "
@@ -702,9 +719,7 @@ def run(api: Api, options: Options, err: TextIO, out: TextIO, interactive: bool)
             finished = _every_object(api, targets, options, rewriter, pool, state)
     progress.finish(counts)
     seconds = time.monotonic() - started
-    verb = "would rewrite" if options.dry_run else "rewritten"
-    lines.append(f"{counts.summary()} ({counts.listed} objects looked at in {seconds:.1f} s)"
-                 .replace("rewritten=", f"{verb}=", 1))
+    lines.append(_summary_line(counts, options, seconds))
     lines += [f"FAILED: {line}" for line in counts.failures]
     if not finished:
         resume = ("run the same command again: it touches only what is still off the key" if options.etcd
@@ -722,6 +737,13 @@ def run(api: Api, options: Options, err: TextIO, out: TextIO, interactive: bool)
         code = EXIT_NOTHING_PROVEN if counts.listed == 0 else EXIT_PASSED
         if code == EXIT_NOTHING_PROVEN:
             lines.append("NOTHING PROVEN: no object of the resources given was found")
+        elif counts.rewritten == 0 and counts.on_key and not options.dry_run:
+            # Without etcd an unchanged answer cannot be told apart: on the key already, or kube-apiserver still
+            # on the old key (its Status poll has not seen the new one). Say both.
+            lines.append(f"NOTE: kube-apiserver wrote none of the {counts.on_key} objects again: each is current "
+                         "under the key kube-apiserver writes with. Right after a rotation that can be the old key "
+                         "(kube-apiserver asks the plugin's Status about once a minute): run again a minute after "
+                         "the plugin took the new key, or give --etcd-endpoints and --key-id to check in etcd")
     if not options.dry_run:
         state.remove()
     if counts.failed and code == EXIT_PASSED:
@@ -729,10 +751,16 @@ def run(api: Api, options: Options, err: TextIO, out: TextIO, interactive: bool)
     return Outcome(code, counts, lines, gate, seconds)
 
 
-def _check_key(etcd: EtcdClient, options: Options, api: Api, targets: list[Target],
-               key_id: str) -> Callable[[Target, str | None, str], None]:
-    """After the first write: is it stored under ``key_id``? If kube-apiserver still writes with the old key
-    (its Status poll has not seen the new one yet), rewriting the rest would only be done again."""
+def _summary_line(counts: Counts, options: Options, seconds: float) -> str:
+    verb = "would rewrite" if options.dry_run else "rewritten"
+    return (f"{counts.summary()} ({counts.listed} objects looked at in {seconds:.1f} s)"
+            .replace("rewritten=", f"{verb}=", 1))
+
+
+def _check_key(etcd: EtcdClient, options: Options, api: Api, key_id: str,
+               what_happened: str) -> Callable[[Target, str | None, str], None]:
+    """Is the object just updated stored under ``key_id``? If not, kube-apiserver still writes with the old key
+    (its Status poll has not seen the new one yet): rewriting the rest would do nothing, or be done again."""
     prefix = normalise_prefix(options.etcd_prefix)
 
     def check(target: Target, namespace: str | None, name: str) -> None:
@@ -747,8 +775,9 @@ def _check_key(etcd: EtcdClient, options: Options, api: Api, targets: list[Targe
         misses = [item for items in report.off_key.values() for item in items]
         if misses:
             api.stop.set()
-            raise KeyNotInUse(f"kube-apiserver rewrote {target.name} {namespace + '/' if namespace else ''}{name} "
-                              f"but stored it {misses[0].reason.replace('on another', 'under')}, not under "
+            raise KeyNotInUse(f"kube-apiserver {what_happened} {target.name} "
+                              f"{namespace + '/' if namespace else ''}{name}, which is stored "
+                              f"{misses[0].reason.replace('on another', 'under')}, not under "
                               f"{key_id}: it has not switched to the new key yet (it asks the plugin's Status "
                               "about once a minute). Wait a minute and run the same command again")
 

@@ -1,4 +1,4 @@
-"""``python -m p11kms.standin``: run the kube-apiserver stand-in (tests and demos only)."""
+"""``python -m tests.standin``: run the kube-apiserver stand-in (tests and demos only)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import sys
 import threading
 
 from p11kms.kube.client import KmsClient
-from p11kms.kube.etcd import EtcdClient
 from p11kms.observability import build_logger, log_event
-from p11kms.standin.http import StandinHttpServer
-from p11kms.standin.kms import HEALTHY_INTERVAL, UNHEALTHY_INTERVAL, KmsEnvelope, StatusPoller
-from p11kms.standin.store import SecretStore
+from tests.standin.etcdwrites import WritableEtcd
+from tests.standin.http import StandinHttpServer
+from tests.standin.kms import HEALTHY_INTERVAL, UNHEALTHY_INTERVAL, KmsEnvelope, StatusPoller
+from tests.standin.store import SecretStore
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p11kms.standin",
+    parser = argparse.ArgumentParser(prog="python -m tests.standin",
                                      description="kube-apiserver stand-in for KMS v2 tests (not a Kubernetes server)")
     parser.add_argument("--etcd", required=True, help="etcd client URL(s), comma-separated")
     parser.add_argument("--kms-socket", required=True, help="the plugin's Unix socket")
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     poller = StatusPoller(kms, args.status_interval, args.status_retry_interval)
     poller.start()
     host, _, port = args.listen.rpartition(":")
-    server = StandinHttpServer((host, int(port)), SecretStore(EtcdClient(args.etcd.split(",")), kms, args.etcd_prefix))
+    store = SecretStore(WritableEtcd(args.etcd.split(",")), kms, args.etcd_prefix)
+    server = StandinHttpServer((host, int(port)), store)
     # shutdown() waits for serve_forever() to return, so it must not run on serve_forever's thread.
     signal.signal(signal.SIGTERM, lambda _s, _f: threading.Thread(target=server.shutdown).start())
     # The first line on stdout is the URL, so a test or script can find the port it got.

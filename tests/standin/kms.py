@@ -16,12 +16,13 @@ import grpc
 from p11kms.kube import envelope
 from p11kms.kube.apiserver_rules import encrypted_object_problems, key_id_problems, status_problems
 from p11kms.kube.client import KmsClient
+from tests.standin.seedcrypto import open_data, seal_with_seed
 
 WRITE_STATE_TTL = 180.0  # kube-apiserver's kmsv2PluginWriteDEKSourceMaxTTL: 3 minutes
 HEALTHY_INTERVAL = 60.0  # kmsv2PluginHealthzPositiveInterval
 UNHEALTHY_INTERVAL = 10.0  # kmsv2PluginHealthzNegativeInterval
 
-log = logging.getLogger("p11kms.standin")
+log = logging.getLogger("tests.standin")
 
 
 class KmsUnavailable(Exception):
@@ -114,7 +115,7 @@ class KmsEnvelope:
         return envelope.encode(envelope.Envelope(
             provider=self.provider, key_id=state.key_id, encrypted_dek_source=state.encrypted_dek_source,
             dek_source_type=envelope.TYPE_HKDF_SEED, annotations=state.annotations,
-            encrypted_data=envelope.seal_with_seed(state.seed, plaintext, etcd_key),
+            encrypted_data=seal_with_seed(state.seed, plaintext, etcd_key),
         ))
 
     def open(self, value: bytes, etcd_key: bytes) -> tuple[bytes, bool]:
@@ -141,7 +142,7 @@ class KmsEnvelope:
             self._decrypted[sealed.cache_key] = dek_source
         stale = (self.providers[0] != "kms" or sealed.key_id != state.key_id
                  or sealed.dek_source_type != envelope.TYPE_HKDF_SEED)
-        return envelope.open_data(sealed, dek_source, etcd_key), stale
+        return open_data(sealed, dek_source, etcd_key), stale
 
 
 class StatusPoller(threading.Thread):

@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 
 from p11kms.kube.envelope import EnvelopeError
 from p11kms.kube.etcd import EtcdError
-from p11kms.standin import openapi
-from p11kms.standin.bodies import decode_body
-from p11kms.standin.kms import KmsUnavailable
-from p11kms.standin.store import ApiError, SecretStore
+from tests.standin import openapi
+from tests.standin.bodies import decode_body
+from tests.standin.kms import KmsUnavailable
+from tests.standin.store import ApiError, SecretStore
 
 SERVER_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-p11kms-standin", "platform": "linux/amd64"}
 SECRETS_RESOURCE = {

@@ -8,8 +8,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from p11kms.standin.k8s_subset_pb2 import Secret, Unknown
-from p11kms.standin.store import ApiError
+from tests.standin.k8s_subset_pb2 import Secret, Unknown
+from tests.standin.store import ApiError
 
 PROTOBUF_MAGIC = b"k8s\x00"
 PROTOBUF_TYPE = "application/vnd.kubernetes.protobuf"

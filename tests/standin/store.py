@@ -8,8 +8,9 @@ import time
 import uuid
 from typing import Any
 
-from p11kms.kube.etcd import EtcdClient, KeyValue
-from p11kms.standin.kms import KmsEnvelope
+from p11kms.kube.etcd import KeyValue
+from tests.standin.etcdwrites import WritableEtcd
+from tests.standin.kms import KmsEnvelope
 
 Obj = dict[str, Any]
 
@@ -48,7 +49,7 @@ def _with_version(plaintext: bytes, revision: int) -> Obj:
 
 
 class SecretStore:
-    def __init__(self, etcd: EtcdClient, kms: KmsEnvelope, prefix: str = "/registry") -> None:
+    def __init__(self, etcd: WritableEtcd, kms: KmsEnvelope, prefix: str = "/registry") -> None:
         self.etcd = etcd
         self.kms = kms
         self.prefix = prefix.rstrip("/")
