@@ -6,7 +6,6 @@ its file list and Requires-Dist are read back from the archive.
 
 from __future__ import annotations
 
-import ast
 import email.parser
 import importlib.metadata
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
+from tests.test_architecture import imported_modules
 
 SRC = ROOT / "src" / "p11kms"
 
@@ -51,17 +51,10 @@ def _third_party_imports(src: Path) -> dict[str, set[str]]:
     """Top-level module -> the modules under ``src`` importing it, for every module outside the stdlib and p11kms."""
     found: dict[str, set[str]] = {}
     for path in sorted(src.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in {"p11kms", "__future__"}:
-                    found.setdefault(top, set()).add(str(path.relative_to(src)))
+        for _, name in imported_modules(path):
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in {"p11kms", "__future__"}:
+                found.setdefault(top, set()).add(str(path.relative_to(src)))
     return found
 
 

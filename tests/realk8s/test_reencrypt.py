@@ -81,12 +81,25 @@ def _off_key(cluster: Cluster, key_id: str) -> set[str]:
             if "/secrets/" in item.key or "/widgets/" in item.key}
 
 
-def _rotate(cluster: Cluster, old_label: str, new_key: Keys) -> str:
+def _rotate(cluster: Cluster, old_label: str, new_key: Keys,
+            before_the_poll: Callable[[str], None] | None = None) -> str:
     """The one-step swap through the config watch (one node); returns the new key UUID once kube-apiserver
-    writes with it."""
+    writes with it. With ``before_the_poll`` the swap comes right after one of kube-apiserver's Status polls,
+    and it is called with the new UUID once the plugin took the key: kube-apiserver still writes with the old
+    one for most of a minute."""
+    polled_at = time.monotonic()
+    if before_the_poll is not None:
+        polls = cluster.plugin_metric("p11kms_grpc_requests_total", method="Status")
+        wait_until(lambda: cluster.plugin_metric("p11kms_grpc_requests_total", method="Status") > polls, 75)
+        polled_at = time.monotonic()
     new_label, new_uuid = new_key()
     swap_labels(cluster.config, old_label, new_label)
     wait_until(lambda: "config reloaded" in cluster.plugin.log(), 20)
+    if before_the_poll is not None:
+        before_the_poll(new_uuid)
+        seconds = time.monotonic() - polled_at
+        assert seconds < 45, f"{seconds:.1f} s after the poll, the next may have come: nothing was shown"
+        print(f"the checks before kube-apiserver's poll ended {seconds:.1f} s after the previous poll")
     delay = cluster.wait_until_writes_use(new_uuid)
     print(f"kube-apiserver wrote with the new key_id {delay:.1f} s after the config change")
     return new_uuid
@@ -200,28 +213,22 @@ def test_reencrypt_without_etcd_conflict_deleted_state_resume_and_dry_run(
     unknown = _reencrypt(cluster, "--resources", "secrets,gadgets.nowhere.example")
     assert unknown.returncode == 2 and "unknown resource 'gadgets.nowhere.example'" in unknown.stderr, unknown.stderr
 
-    # The rotation right after a Status poll, so kube-apiserver keeps writing with the old key for most of a
-    # minute: a re-encryption run now cannot move anything, and must say so instead of counting the objects
-    # as already on the key.
-    polls = cluster.plugin_metric("p11kms_grpc_requests_total", method="Status")
-    wait_until(lambda: cluster.plugin_metric("p11kms_grpc_requests_total", method="Status") > polls, 75)
-    polled_at = time.monotonic()
-    new_label, new_uuid = new_key()
-    swap_labels(cluster.config, old_label, new_label)
-    wait_until(lambda: "config reloaded" in cluster.plugin.log(), 20)
     before = _snapshot(cluster, "secrets", "bulk")
-    early = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk", "--etcd-endpoints", cluster.plane.etcd_url,
-                       "--key-id", new_uuid)
-    assert early.returncode == 1, early.stdout + early.stderr
-    assert "has not switched to the new key yet" in early.stdout and "already_on_key=0" in early.stdout, early.stdout
-    early_without_etcd = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk")
-    assert early_without_etcd.returncode == 0, early_without_etcd.stdout + early_without_etcd.stderr
-    assert "kube-apiserver wrote none of the 40 objects again" in early_without_etcd.stdout, early_without_etcd.stdout
-    early_seconds = time.monotonic() - polled_at
-    assert early_seconds < 45, f"the early runs ended {early_seconds:.1f} s after the poll: the next may have come"
-    assert _snapshot(cluster, "secrets", "bulk") == before
-    delay = cluster.wait_until_writes_use(new_uuid)
-    print(f"early runs ended {early_seconds:.1f} s after a poll; kube-apiserver took the key {delay:.1f} s later")
+
+    def too_early(new_uuid: str) -> None:
+        """kube-apiserver still writes with the old key: a run cannot move anything, and must say so instead of
+        counting the objects as already on the key."""
+        early = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk", "--etcd-endpoints",
+                           cluster.plane.etcd_url, "--key-id", new_uuid)
+        assert early.returncode == 1, early.stdout + early.stderr
+        assert "has not switched to the new key yet" in early.stdout, early.stdout
+        assert "already_on_key=0" in early.stdout, early.stdout
+        without_etcd = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk")
+        assert without_etcd.returncode == 0, without_etcd.stdout + without_etcd.stderr
+        assert "kube-apiserver wrote none of the 40 objects again" in without_etcd.stdout, without_etcd.stdout
+        assert _snapshot(cluster, "secrets", "bulk") == before
+
+    new_uuid = _rotate(cluster, old_label, new_key, before_the_poll=too_early)
     state = tmp_path / "reencrypt.state"
 
     dry = _reencrypt(cluster, "--resources", "secrets", "-n", "bulk", "--dry-run", "--state", str(state))
